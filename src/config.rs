@@ -1,0 +1,618 @@
+//! The one configuration struct (design §7): a TOML file, overridden by `TRSTREAM_<SECTION>_<KEY>`
+//! environment variables, overridden by command-line `--set section.key=value` and the common flags.
+//!
+//! Every field has a default that runs the demo; unknown keys and inconsistent values stop start-up
+//! with a [`ConfigError`] naming the key, because a daemon that silently ignores a typo in
+//! `flush.max_rows` runs for months with the wrong behaviour.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::DEFAULT_CURRENCIES;
+
+/// A configuration problem, naming the key (`flush.max_rows`) or the source it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error at `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { key: key.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub s3: S3Config,
+    pub flush: FlushConfig,
+    pub memory: MemoryConfig,
+    pub upload: UploadConfig,
+    pub parquet: ParquetConfig,
+    pub validation: ValidationConfig,
+    pub shutdown: ShutdownConfig,
+    pub supervision: SupervisionConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// The source topic of transactions.
+    pub topic: String,
+    /// The dead-letter topic for records that fail validation.
+    pub dlq_topic: String,
+    /// Consumer group id; every instance of one deployment shares it.
+    pub group_id: String,
+    /// Where a partition with no committed offset starts: `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    /// Group session timeout; a revoked partition must drain well within it.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Upper bound on librdkafka's prefetch queue per partition, in KiB (part of the I4 bound).
+    pub fetch_queue_kbytes: u64,
+    /// Bound on a single Kafka admin/commit/metadata request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Extra librdkafka properties passed verbatim to the consumer and the DLQ producer.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".into(),
+            topic: "transactions".into(),
+            dlq_topic: "transactions.dlq".into(),
+            group_id: "trstream".into(),
+            auto_offset_reset: "earliest".into(),
+            session_timeout: Duration::from_secs(45),
+            fetch_queue_kbytes: 8 * 1024,
+            request_timeout: Duration::from_secs(10),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// S3 endpoint URL (MinIO, Garage, AWS), `http://` or `https://`.
+    pub endpoint: String,
+    pub region: String,
+    /// Access key id; prefer the `TRSTREAM_S3_ACCESS_KEY_ID` environment variable.
+    pub access_key_id: String,
+    /// Secret key; prefer `TRSTREAM_S3_SECRET_ACCESS_KEY`. Never logged.
+    pub secret_access_key: String,
+    /// Bucket of the raw (bronze) files.
+    pub raw_bucket: String,
+    /// Key prefix inside the raw bucket (`raw-data/<prefix>/partition=<p>/…`).
+    pub raw_prefix: String,
+    /// Path-style addressing (`http://host/bucket/key`), needed by MinIO and most self-hosted stores.
+    pub force_path_style: bool,
+    /// Create the bucket at start-up when it is missing (the demo does; production usually not).
+    pub create_bucket: bool,
+    /// Bound on one S3 request, retries included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: "http://localhost:9000".into(),
+            region: "us-east-1".into(),
+            access_key_id: "trstream".into(),
+            secret_access_key: "trstream-secret".into(),
+            raw_bucket: "raw-data".into(),
+            raw_prefix: "transactions".into(),
+            force_path_style: true,
+            create_bucket: false,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// Flush a partition's buffer once it holds this many valid rows.
+    pub max_rows: usize,
+    /// Flush once the consumed payload bytes of the buffer reach this many bytes.
+    pub max_bytes: usize,
+    /// Flush a non-empty buffer once its oldest record is this old.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig { max_rows: 100_000, max_bytes: 32 * 1024 * 1024, max_age: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Bytes of consumed-but-uncommitted records one partition may hold before it is paused (I4).
+    pub partition_max_buffered_bytes: usize,
+    /// Bytes all partitions together may hold before partitions are paused (I4).
+    pub total_max_buffered_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            partition_max_buffered_bytes: 48 * 1024 * 1024,
+            total_max_buffered_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    /// First wait after a failed upload; doubles up to `retry_max_backoff`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_backoff: Duration,
+    /// Ceiling of the wait between upload attempts; uploads retry until they succeed or shutdown.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetConfig {
+    /// zstd level for Parquet pages, 1 (fast) ..= 22 (small).
+    pub zstd_level: i32,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        ParquetConfig { zstd_level: 1, row_group_rows: 128 * 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// ISO 4217 allow-list for `currency`.
+    pub currencies: Vec<String>,
+    /// Payloads larger than this many bytes are dead-lettered as `oversized`.
+    pub max_record_bytes: usize,
+    /// How far in the future `event_time` may be.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// How old `event_time` may be.
+    #[serde(with = "humantime_serde")]
+    pub max_event_age: Duration,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            currencies: DEFAULT_CURRENCIES.iter().map(|c| c.to_string()).collect(),
+            max_record_bytes: 64 * 1024,
+            max_future_skew: Duration::from_secs(300),
+            max_event_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Deadline for draining one revoked partition (flush, upload, commit); below the session timeout.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Deadline for the whole graceful shutdown on SIGTERM/SIGINT (I7).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { drain_timeout: Duration::from_secs(20), timeout: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Restarts of one child allowed within `restart_window` before its parent gives up.
+    pub max_restarts: u32,
+    /// The window over which restarts are counted.
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig { max_restarts: 5, restart_window: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address of `/metrics`, `/healthz` and `/readyz`; empty disables the server.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: "0.0.0.0:9464".into() }
+    }
+}
+
+/// Where the configuration came from: the file, then environment, then `--set` overrides.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub file: Option<std::path::PathBuf>,
+    /// `(NAME, value)` pairs, normally `std::env::vars()`; only `TRSTREAM_*` are read.
+    pub env: Vec<(String, String)>,
+    /// `section.key=value` overrides, last wins.
+    pub overrides: Vec<String>,
+}
+
+const SECTIONS: [&str; 10] = [
+    "kafka", "s3", "flush", "memory", "upload", "parquet", "validation", "shutdown", "supervision",
+    "http",
+];
+
+/// A scalar given as text (env or flag): TOML syntax where it parses (`100`, `true`, `["USD"]`),
+/// a plain string otherwise (`localhost:9092`, `30s`).
+fn parse_scalar(text: &str) -> toml::Value {
+    let doc = format!("v = {text}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(text.to_string())),
+        Err(_) => toml::Value::String(text.to_string()),
+    }
+}
+
+fn set_path(root: &mut toml::Table, path: &str, value: toml::Value, origin: &str) -> Result<(), ConfigError> {
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::new(origin, format!("`{path}` is not of the form section.key")));
+    }
+    if !SECTIONS.contains(&parts[0]) {
+        return Err(ConfigError::new(
+            origin,
+            format!("unknown section `{}`, expected one of {}", parts[0], SECTIONS.join(", ")),
+        ));
+    }
+    let mut table = root;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::new(origin, format!("`{p}` is not a table")))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Config {
+    /// Loads file + env + overrides, then validates. Any error names the offending key.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut root = match &sources.file {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
+        for (name, value) in &sources.env {
+            let Some(rest) = name.strip_prefix("TRSTREAM_") else { continue };
+            // Sections carry no underscore, so the first one separates section from key;
+            // `kafka.properties` entries are spelled TRSTREAM_KAFKA_PROPERTIES__fetch.wait.max.ms.
+            let lower = rest.to_ascii_lowercase();
+            let Some((section, key)) = lower.split_once('_') else {
+                return Err(ConfigError::new(name.clone(), "expected TRSTREAM_<SECTION>_<KEY>"));
+            };
+            if section == "log" {
+                continue; // TRSTREAM_LOG is the log filter, not configuration.
+            }
+            let path = match key.split_once("__") {
+                Some(("properties", prop)) => {
+                    let prop = rest.splitn(2, "__").nth(1).unwrap_or(prop);
+                    let table = root
+                        .entry(section.to_string())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    let props = table
+                        .as_table_mut()
+                        .ok_or_else(|| ConfigError::new(name.clone(), "not a table"))?
+                        .entry("properties")
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    props
+                        .as_table_mut()
+                        .ok_or_else(|| ConfigError::new(name.clone(), "not a table"))?
+                        .insert(prop.to_string(), toml::Value::String(value.clone()));
+                    continue;
+                }
+                _ => format!("{section}.{key}"),
+            };
+            set_path(&mut root, &path, parse_scalar(value), name)?;
+        }
+        for o in &sources.overrides {
+            let (path, value) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError::new(o.clone(), "expected --set section.key=value"))?;
+            set_path(&mut root, path.trim(), parse_scalar(value.trim()), path.trim())?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(path, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and range checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |k: &str, m: String| Err(ConfigError::new(k, m));
+        if self.kafka.brokers.trim().is_empty() {
+            return err("kafka.brokers", "must not be empty".into());
+        }
+        for (k, t) in [("kafka.topic", &self.kafka.topic), ("kafka.dlq_topic", &self.kafka.dlq_topic)] {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+                return err(k, format!("{t:?} is not a valid Kafka topic name ([a-zA-Z0-9._-]+)"));
+            }
+        }
+        if self.kafka.topic == self.kafka.dlq_topic {
+            return err("kafka.dlq_topic", format!("must differ from kafka.topic ({:?})", self.kafka.topic));
+        }
+        if self.kafka.group_id.is_empty() {
+            return err("kafka.group_id", "must not be empty".into());
+        }
+        if !["earliest", "latest"].contains(&self.kafka.auto_offset_reset.as_str()) {
+            return err(
+                "kafka.auto_offset_reset",
+                format!("{:?} is not one of earliest, latest", self.kafka.auto_offset_reset),
+            );
+        }
+        if self.shutdown.drain_timeout >= self.kafka.session_timeout {
+            return err(
+                "shutdown.drain_timeout",
+                format!(
+                    "{} must be shorter than kafka.session_timeout ({}), or a slow drain loses the group",
+                    humantime::format_duration(self.shutdown.drain_timeout),
+                    humantime::format_duration(self.kafka.session_timeout)
+                ),
+            );
+        }
+        if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://")) {
+            return err("s3.endpoint", format!("{:?} must start with http:// or https://", self.s3.endpoint));
+        }
+        if self.s3.raw_bucket.is_empty() {
+            return err("s3.raw_bucket", "must not be empty".into());
+        }
+        if self.s3.raw_prefix.starts_with('/') || self.s3.raw_prefix.ends_with('/') {
+            return err("s3.raw_prefix", format!("{:?} must not start or end with '/'", self.s3.raw_prefix));
+        }
+        if self.flush.max_rows == 0 {
+            return err("flush.max_rows", "must be greater than 0".into());
+        }
+        if self.flush.max_bytes == 0 {
+            return err("flush.max_bytes", "must be greater than 0".into());
+        }
+        if self.flush.max_age.is_zero() {
+            return err("flush.max_age", "must be greater than 0s".into());
+        }
+        if self.memory.partition_max_buffered_bytes > self.memory.total_max_buffered_bytes {
+            return err(
+                "memory.partition_max_buffered_bytes",
+                format!(
+                    "{} exceeds memory.total_max_buffered_bytes ({})",
+                    self.memory.partition_max_buffered_bytes, self.memory.total_max_buffered_bytes
+                ),
+            );
+        }
+        if self.flush.max_bytes > self.memory.partition_max_buffered_bytes {
+            return err(
+                "flush.max_bytes",
+                format!(
+                    "{} exceeds memory.partition_max_buffered_bytes ({}): the partition would pause before it flushes",
+                    self.flush.max_bytes, self.memory.partition_max_buffered_bytes
+                ),
+            );
+        }
+        if self.validation.max_record_bytes == 0 {
+            return err("validation.max_record_bytes", "must be greater than 0".into());
+        }
+        if self.validation.max_record_bytes > self.memory.partition_max_buffered_bytes {
+            return err(
+                "validation.max_record_bytes",
+                "exceeds memory.partition_max_buffered_bytes".into(),
+            );
+        }
+        if self.validation.currencies.is_empty() {
+            return err("validation.currencies", "must list at least one currency".into());
+        }
+        if let Some(c) = self
+            .validation
+            .currencies
+            .iter()
+            .find(|c| c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return err("validation.currencies", format!("{c:?} is not an ISO 4217 alpha-3 code"));
+        }
+        if self.upload.retry_initial_backoff.is_zero()
+            || self.upload.retry_initial_backoff > self.upload.retry_max_backoff
+        {
+            return err(
+                "upload.retry_initial_backoff",
+                "must be greater than 0 and at most upload.retry_max_backoff".into(),
+            );
+        }
+        if !(1..=22).contains(&self.parquet.zstd_level) {
+            return err("parquet.zstd_level", format!("{} is outside 1..=22", self.parquet.zstd_level));
+        }
+        if self.parquet.row_group_rows == 0 {
+            return err("parquet.row_group_rows", "must be greater than 0".into());
+        }
+        if self.supervision.max_restarts == 0 {
+            return err("supervision.max_restarts", "must be at least 1".into());
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return err("http.listen", format!("{:?} is not an address like 0.0.0.0:9464", self.http.listen));
+        }
+        Ok(())
+    }
+
+    pub fn validator(&self) -> crate::record::Validator {
+        crate::record::Validator::new(
+            self.validation.currencies.clone(),
+            self.validation.max_record_bytes,
+            self.validation.max_future_skew,
+            self.validation.max_event_age,
+        )
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let key = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(key.clone(), format!("cannot read the config file: {e}")))?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::new(key, format!("not valid TOML: {e}")))
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut redacted = self.clone();
+        redacted.s3.secret_access_key = "<redacted>".into();
+        f.write_str(&toml::to_string_pretty(&redacted).map_err(|_| fmt::Error)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml_text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trstream.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        Config::load(&Sources {
+            file: Some(path),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(load_str("", &[], &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let c = load_str(
+            "[flush]\nmax_rows = 10\nmax_age = \"2s\"\n[kafka]\nbrokers = \"a:1\"\n",
+            &[("TRSTREAM_FLUSH_MAX_ROWS", "20"), ("TRSTREAM_KAFKA_BROKERS", "b:2"), ("HOME", "/x")],
+            &["flush.max_rows=30"],
+        )
+        .unwrap();
+        assert_eq!(c.flush.max_rows, 30);
+        assert_eq!(c.flush.max_age, Duration::from_secs(2));
+        assert_eq!(c.kafka.brokers, "b:2");
+    }
+
+    #[test]
+    fn env_sets_lists_and_librdkafka_properties() {
+        let c = load_str(
+            "",
+            &[
+                ("TRSTREAM_VALIDATION_CURRENCIES", "[\"USD\", \"EUR\"]"),
+                ("TRSTREAM_KAFKA_PROPERTIES__fetch.wait.max.ms", "50"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.validation.currencies, vec!["USD", "EUR"]);
+        assert_eq!(c.kafka.properties.get("fetch.wait.max.ms").map(String::as_str), Some("50"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load_str("[flush]\nmax_rowz = 1\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("max_rowz"), "{e}");
+        let e = load_str("[flsh]\nmax_rows = 1\n", &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("flsh"), "{e}");
+        let e = load_str("", &[("TRSTREAM_FLUSH_MAX_ROWZ", "1")], &[]).unwrap_err();
+        assert!(e.to_string().contains("max_rowz"), "{e}");
+        let e = load_str("", &[("TRSTREAM_NOPE_X", "1")], &[]).unwrap_err();
+        assert_eq!(e.key, "TRSTREAM_NOPE_X", "{e}");
+        let e = load_str("", &[], &["flush.nope=1"]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_units_are_named() {
+        let e = load_str("[flush]\nmax_age = 10\n", &[], &[]).unwrap_err();
+        assert_eq!(e.key, "flush.max_age", "{e}");
+        let e = load_str("[flush]\nmax_age = \"10 parsecs\"\n", &[], &[]).unwrap_err();
+        assert_eq!(e.key, "flush.max_age", "{e}");
+        let e = load_str("", &[("TRSTREAM_FLUSH_MAX_ROWS", "many")], &[]).unwrap_err();
+        assert_eq!(e.key, "flush.max_rows", "{e}");
+        let e = load_str("not toml [", &[], &[]).unwrap_err();
+        assert!(e.message.contains("TOML"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_values_are_named() {
+        let cases: &[(&str, &str)] = &[
+            ("[shutdown]\ndrain_timeout = \"60s\"\n[kafka]\nsession_timeout = \"30s\"", "shutdown.drain_timeout"),
+            ("[memory]\npartition_max_buffered_bytes = 200\ntotal_max_buffered_bytes = 100", "memory.partition_max_buffered_bytes"),
+            ("[flush]\nmax_bytes = 100000000", "flush.max_bytes"),
+            ("[flush]\nmax_rows = 0", "flush.max_rows"),
+            ("[flush]\nmax_age = \"0s\"", "flush.max_age"),
+            ("[kafka]\ndlq_topic = \"transactions\"", "kafka.dlq_topic"),
+            ("[kafka]\ntopic = \"bad topic\"", "kafka.topic"),
+            ("[kafka]\nauto_offset_reset = \"smallest\"", "kafka.auto_offset_reset"),
+            ("[s3]\nendpoint = \"localhost:9000\"", "s3.endpoint"),
+            ("[validation]\ncurrencies = [\"usd\"]", "validation.currencies"),
+            ("[validation]\ncurrencies = []", "validation.currencies"),
+            ("[parquet]\nzstd_level = 0", "parquet.zstd_level"),
+            ("[upload]\nretry_initial_backoff = \"1m\"\nretry_max_backoff = \"1s\"", "upload.retry_initial_backoff"),
+            ("[http]\nlisten = \"nowhere\"", "http.listen"),
+        ];
+        for (text, key) in cases {
+            let e = load_str(text, &[], &[]).unwrap_err();
+            assert_eq!(&e.key, key, "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(&Sources { file: Some("/nonexistent/trstream.toml".into()), ..Default::default() })
+            .unwrap_err();
+        assert!(e.key.contains("/nonexistent/trstream.toml"), "{e}");
+    }
+
+    #[test]
+    fn display_redacts_the_secret() {
+        let mut c = Config::default();
+        c.s3.secret_access_key = "hunter2".into();
+        assert!(!c.to_string().contains("hunter2"));
+    }
+}

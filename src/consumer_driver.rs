@@ -1,0 +1,501 @@
+//! ConsumerDriver: the one thread that polls the rdkafka consumer, routes records to the
+//! PartitionWorker of their partition, and runs the rebalance protocol.
+//!
+//! It lives on a dedicated OS thread because librdkafka runs rebalance callbacks inside `poll`,
+//! and a revoke must block until the revoked workers have drained (flushed, uploaded, committed)
+//! before the partitions are given up. Being the only caller of `poll`, `seek`, `pause` and
+//! `resume`, it also holds the invariants that need ordering against fetched data:
+//! - I2: on assign, the recovery scan runs before the partition's first fetch, and the assign
+//!   starts the partition right after the highest file already uploaded;
+//! - I3: when a worker dies, its partition is paused and no record is routed to it until it has
+//!   been sought back to the committed offset (librdkafka drops pre-seek records) and the scan
+//!   has run again;
+//! - I4: a partition whose budget is over its cap, or any partition while the total is over the
+//!   total cap, is paused; it resumes once its worker has committed enough to fall below half.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorId, ActorRef};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::lake::RawFileName;
+use crate::metrics as m;
+use crate::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
+use crate::pipeline::{Consumer, PartitionBudget, PipelineCtx};
+
+/// Records routed per poll round before the batches are handed to workers.
+const MAX_BATCH: usize = 4096;
+
+/// Commands from the IngestSupervisor.
+pub enum DriverCmd {
+    /// A worker died: recover its partition (seek back, rescan, respawn).
+    WorkerDied { partition: i32, worker: ActorId },
+    /// Graceful shutdown: drain every worker within the deadline, then leave the group.
+    Shutdown { deadline: Instant },
+    /// Stop now without committing anything more (the supervisor itself is going away).
+    Abort,
+}
+
+enum Slot {
+    Ready { worker: ActorRef<PartitionWorkerMsg>, budget: Arc<PartitionBudget>, paused: bool },
+    /// Paused, waiting for the recovery scan and a new worker.
+    Recovering { next_try: Instant, backoff: Duration, seek: bool },
+}
+
+#[derive(Default)]
+struct DriverState {
+    slots: HashMap<i32, Slot>,
+    pending: HashMap<i32, RecordChunk>,
+}
+
+/// The consumer's context: the driver's state, reachable from rebalance callbacks.
+pub struct DriverContext {
+    ctx: Arc<PipelineCtx>,
+    rt: tokio::runtime::Handle,
+    supervisor: ActorCell,
+    consumer: OnceLock<Weak<Consumer>>,
+    state: Mutex<DriverState>,
+}
+
+impl ClientContext for DriverContext {}
+
+impl ConsumerContext for DriverContext {
+    fn rebalance(&self, base: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(base, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = base.assignment_lost();
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.on_revoke(&parts, lost);
+                if let Err(e) = base.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment without committing");
+                let parts: Vec<i32> = self.state.lock().unwrap().slots.keys().copied().collect();
+                self.on_revoke(&parts, true);
+                let _ = base.unassign();
+            }
+        }
+    }
+}
+
+impl DriverContext {
+    pub fn new(ctx: Arc<PipelineCtx>, rt: tokio::runtime::Handle, supervisor: ActorCell) -> Self {
+        DriverContext { ctx, rt, supervisor, consumer: OnceLock::new(), state: Mutex::new(DriverState::default()) }
+    }
+
+    pub fn set_consumer(&self, consumer: &Arc<Consumer>) {
+        let _ = self.consumer.set(Arc::downgrade(consumer));
+    }
+
+    fn topic(&self) -> &str {
+        &self.ctx.config.kafka.topic
+    }
+
+    /// True on a tokio worker thread, where blocking on the runtime would panic. Rebalance
+    /// callbacks only run there if the consumer is dropped outside the driver thread.
+    fn in_runtime() -> bool {
+        tokio::runtime::Handle::try_current().is_ok()
+    }
+
+    fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        tracing::info!(?parts, "partitions assigned");
+        let committed = self.committed(base, &parts);
+        let mut not_ready = Vec::new();
+        for &p in &parts {
+            let start = match self.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())) {
+                Ok((start, worker, budget)) => {
+                    self.state.lock().unwrap().slots.insert(p, Slot::Ready { worker, budget, paused: false });
+                    start
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "recovery scan failed at assignment; partition paused until it succeeds");
+                    let slot = Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(200), seek: true };
+                    self.state.lock().unwrap().slots.insert(p, slot);
+                    not_ready.push(p);
+                    None
+                }
+            };
+            if let Some(offset) = start {
+                let _ = tpl.set_partition_offset(self.topic(), p, Offset::Offset(offset));
+            }
+        }
+        if let Err(e) = base.assign(tpl) {
+            tracing::error!(error = %e, "assign failed");
+        }
+        if !not_ready.is_empty() {
+            let _ = base.pause(&self.tpl(&not_ready));
+        }
+        self.ctx.health.consuming.store(true, Ordering::Relaxed);
+        metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.state.lock().unwrap().slots.len() as f64);
+    }
+
+    fn on_revoke(&self, parts: &[i32], lost: bool) {
+        tracing::info!(?parts, lost, "partitions revoked");
+        for &p in parts {
+            let (slot, pending) = {
+                let mut st = self.state.lock().unwrap();
+                (st.slots.remove(&p), st.pending.remove(&p))
+            };
+            let Some(Slot::Ready { worker, budget, .. }) = slot else { continue };
+            if lost || Self::in_runtime() {
+                // Someone else may own the partition now: commit nothing more.
+                worker.kill();
+            } else {
+                if let Some(chunk) = pending.filter(|c| !c.is_empty()) {
+                    let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
+                }
+                self.drain_and_stop(p, &worker, self.ctx.config.shutdown.drain_timeout);
+            }
+            budget.release_all();
+        }
+        metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.state.lock().unwrap().slots.len() as f64);
+    }
+
+    fn drain_and_stop(&self, p: i32, worker: &ActorRef<PartitionWorkerMsg>, timeout: Duration) {
+        let started = Instant::now();
+        let res = self.rt.block_on(async {
+            ractor::call_t!(worker, PartitionWorkerMsg::Drain, timeout.as_millis() as u64)
+        });
+        match res {
+            Ok(Ok(committed)) => {
+                tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained")
+            }
+            Ok(Err(e)) => tracing::warn!(partition = p, error = %e, "drain failed; uncommitted records will be re-read"),
+            Err(e) => tracing::warn!(partition = p, error = %e, "drain timed out; uncommitted records will be re-read"),
+        }
+        let _ = self.rt.block_on(async {
+            worker.stop_and_wait(Some("drained".into()), Some(Duration::from_secs(5))).await
+        });
+    }
+
+    fn tpl(&self, parts: &[i32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for &p in parts {
+            tpl.add_partition(self.topic(), p);
+        }
+        tpl
+    }
+
+    /// Committed next-offsets of `parts` (`None` inside: nothing committed yet).
+    fn committed(&self, base: &BaseConsumer<Self>, parts: &[i32]) -> Result<HashMap<i32, Option<i64>>, String> {
+        let tpl = base
+            .committed_offsets(self.tpl(parts), self.ctx.config.kafka.request_timeout)
+            .map_err(|e| format!("fetching committed offsets failed: {e}"))?;
+        Ok(tpl
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { Some(o) } else { None }))
+            .collect())
+    }
+
+    /// The recovery scan of I2 and the spawn of a fresh worker. Returns the offset the partition
+    /// must be read from (`None`: nothing committed and nothing uploaded; use the reset policy).
+    fn recover(
+        &self,
+        p: i32,
+        committed: Result<Option<i64>, &String>,
+    ) -> Result<(Option<i64>, ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>), String> {
+        let committed = committed.map_err(Clone::clone)?;
+        let cfg = &self.ctx.config;
+        let latest: Option<RawFileName> = self
+            .rt
+            .block_on(self.ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.kafka.topic, p, committed))
+            .map_err(|e| {
+                self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
+                format!("recovery scan of partition {p}: {e}")
+            })?;
+        self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
+        let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
+        let start = adopted.as_ref().map(|f| f.last_offset + 1).or(committed);
+        let consumer = self
+            .consumer
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| "consumer is gone".to_string())?;
+        let budget = Arc::new(PartitionBudget::new(self.ctx.clone()));
+        let args = PartitionWorkerArgs {
+            partition: p,
+            start_offset: start,
+            adopted,
+            ctx: self.ctx.clone(),
+            consumer,
+            budget: budget.clone(),
+        };
+        let name = format!("{}/partition-{}-{p}", self.ctx.instance, cfg.kafka.topic);
+        let (worker, _) = self
+            .rt
+            .block_on(Actor::spawn_linked(Some(name), PartitionWorker, args, self.supervisor.clone()))
+            .map_err(|e| format!("spawning the worker of partition {p}: {e}"))?;
+        tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
+        Ok((start, worker, budget))
+    }
+}
+
+/// The driver loop; returns when shut down or aborted.
+pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
+    let dc = consumer.context();
+    let mut last_gauge = Instant::now();
+    loop {
+        // Commands first: a dead worker's partition must stop being routed to at once.
+        loop {
+            match cmds.try_recv() {
+                Ok(DriverCmd::WorkerDied { partition, worker }) => on_worker_died(&consumer, partition, worker),
+                Ok(DriverCmd::Shutdown { deadline }) => return shutdown(&consumer, deadline),
+                Ok(DriverCmd::Abort) => return abort(&consumer),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return abort(&consumer),
+            }
+        }
+
+        let mut routed = 0;
+        let mut timeout = Duration::from_millis(100);
+        while routed < MAX_BATCH {
+            match consumer.poll(timeout) {
+                Some(Ok(msg)) => {
+                    routed += 1;
+                    let mut st = dc.state.lock().unwrap();
+                    if matches!(st.slots.get(&msg.partition()), Some(Slot::Ready { .. })) {
+                        st.pending.entry(msg.partition()).or_default().push(msg.offset(), msg.key(), msg.payload());
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+                None => break,
+            }
+            timeout = Duration::ZERO;
+        }
+        dispatch(dc);
+        back_pressure(&consumer);
+        retry_recoveries(&consumer);
+        if last_gauge.elapsed() >= Duration::from_secs(1) {
+            last_gauge = Instant::now();
+            let total = dc.ctx.total_buffered.load(Ordering::Relaxed);
+            metrics::gauge!(m::BUFFERED_BYTES).set(total as f64);
+        }
+    }
+}
+
+fn dispatch(dc: &DriverContext) {
+    let mut st = dc.state.lock().unwrap();
+    let st = &mut *st;
+    for (p, chunk) in st.pending.drain() {
+        if let Some(Slot::Ready { worker, budget, .. }) = st.slots.get(&p) {
+            budget.acquire(chunk.accounted_bytes());
+            let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
+        }
+    }
+    let total = dc.ctx.total_buffered.load(Ordering::Relaxed) as u64;
+    dc.ctx.stats.max_buffered_bytes.fetch_max(total, Ordering::Relaxed);
+}
+
+/// I4: pause over the cap, resume below half of it.
+fn back_pressure(consumer: &Consumer) {
+    let dc = consumer.context();
+    let mem = &dc.ctx.config.memory;
+    let total = dc.ctx.total_buffered.load(Ordering::Relaxed);
+    let over_total = total > mem.total_max_buffered_bytes;
+    let total_low = total <= mem.total_max_buffered_bytes / 2;
+    let mut st = dc.state.lock().unwrap();
+    let mut to_pause = Vec::new();
+    let mut to_resume = Vec::new();
+    let mut paused_count = 0;
+    for (p, slot) in st.slots.iter_mut() {
+        if let Slot::Ready { budget, paused, .. } = slot {
+            let b = budget.buffered();
+            if !*paused && (b > mem.partition_max_buffered_bytes || over_total) {
+                *paused = true;
+                to_pause.push(*p);
+            } else if *paused && b <= mem.partition_max_buffered_bytes / 2 && total_low {
+                *paused = false;
+                to_resume.push(*p);
+            }
+            paused_count += usize::from(*paused);
+        }
+    }
+    drop(st);
+    if !to_pause.is_empty() {
+        tracing::debug!(partitions = ?to_pause, total, "pausing for back-pressure");
+        dc.ctx.stats.pauses.fetch_add(to_pause.len() as u64, Ordering::Relaxed);
+        if let Err(e) = consumer.pause(&dc.tpl(&to_pause)) {
+            tracing::warn!(error = %e, "pause failed");
+        }
+    }
+    if !to_resume.is_empty() {
+        tracing::debug!(partitions = ?to_resume, total, "resuming");
+        if let Err(e) = consumer.resume(&dc.tpl(&to_resume)) {
+            tracing::warn!(error = %e, "resume failed");
+        }
+    }
+    metrics::gauge!(m::PARTITIONS_PAUSED).set(paused_count as f64);
+}
+
+fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
+    let dc = consumer.context();
+    let mut st = dc.state.lock().unwrap();
+    let matches = matches!(st.slots.get(&p), Some(Slot::Ready { worker, .. }) if worker.get_id() == id);
+    if !matches {
+        return; // already revoked or replaced
+    }
+    if let Some(Slot::Ready { budget, .. }) = st.slots.remove(&p) {
+        budget.release_all();
+    }
+    st.pending.remove(&p);
+    st.slots.insert(p, Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(100), seek: true });
+    drop(st);
+    // Stop fetching at once; records already fetched are dropped by the routing above.
+    if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
+        tracing::warn!(partition = p, error = %e, "pause of a failed partition failed");
+    }
+    tracing::warn!(partition = p, "partition worker died; seeking back to the committed offset");
+}
+
+/// Brings `Recovering` partitions back: committed offset, recovery scan, new worker, seek, resume.
+fn retry_recoveries(consumer: &Consumer) {
+    let dc = consumer.context();
+    let due: Vec<(i32, Duration, bool)> = {
+        let st = dc.state.lock().unwrap();
+        st.slots
+            .iter()
+            .filter_map(|(p, s)| match s {
+                Slot::Recovering { next_try, backoff, seek } if *next_try <= Instant::now() => Some((*p, *backoff, *seek)),
+                _ => None,
+            })
+            .collect()
+    };
+    for (p, backoff, seek) in due {
+        let committed = dc.committed(consumer, &[p]);
+        let res = dc.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())).and_then(|(start, worker, budget)| {
+            if seek {
+                let target = match start {
+                    Some(o) => Offset::Offset(o),
+                    None if dc.ctx.config.kafka.auto_offset_reset == "latest" => Offset::End,
+                    None => Offset::Beginning,
+                };
+                if let Err(e) = consumer.seek(dc.topic(), p, target, dc.ctx.config.kafka.request_timeout) {
+                    worker.kill();
+                    return Err(format!("seek of partition {p} to {target:?} failed: {e}"));
+                }
+            }
+            Ok((worker, budget))
+        });
+        let mut st = dc.state.lock().unwrap();
+        match res {
+            Ok((worker, budget)) => {
+                st.slots.insert(p, Slot::Ready { worker, budget, paused: false });
+                drop(st);
+                if let Err(e) = consumer.resume(&dc.tpl(&[p])) {
+                    tracing::warn!(partition = p, error = %e, "resume after recovery failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, retry_in = ?backoff, "partition recovery failed");
+                let next = (backoff * 2).min(Duration::from_secs(10));
+                st.slots.insert(p, Slot::Recovering { next_try: Instant::now() + backoff, backoff: next, seek });
+            }
+        }
+    }
+}
+
+/// I7: hand over what was fetched, drain every worker (flush, upload, commit), leave the group.
+fn shutdown(consumer: &Arc<Consumer>, deadline: Instant) {
+    let dc = consumer.context();
+    tracing::info!("draining partitions for shutdown");
+    let slots: Vec<(i32, Slot)> = {
+        let mut st = dc.state.lock().unwrap();
+        let st = &mut *st;
+        for (p, chunk) in st.pending.drain() {
+            if let Some(Slot::Ready { worker, budget, .. }) = st.slots.get(&p) {
+                budget.acquire(chunk.accounted_bytes());
+                let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
+            }
+        }
+        st.slots.drain().collect()
+    };
+    let parts: Vec<i32> = slots.iter().map(|(p, _)| *p).collect();
+    // Stop fetching so the drain has a fixed end.
+    let _ = consumer.pause(&dc.tpl(&parts));
+    // Drain all workers concurrently: each flush is independent.
+    let workers: Vec<(i32, ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>)> = slots
+        .into_iter()
+        .filter_map(|(p, s)| match s {
+            Slot::Ready { worker, budget, .. } => Some((p, worker, budget)),
+            Slot::Recovering { .. } => None,
+        })
+        .collect();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    dc.rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (p, worker, _) in &workers {
+            let (p, worker) = (*p, worker.clone());
+            set.spawn(async move {
+                let res = ractor::call_t!(worker, PartitionWorkerMsg::Drain, remaining.as_millis() as u64);
+                (p, res)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((p, Ok(Ok(c)))) => tracing::info!(partition = p, committed = ?c, "partition drained"),
+                Ok((p, Ok(Err(e)))) => tracing::warn!(partition = p, error = %e, "drain failed"),
+                Ok((p, Err(e))) => tracing::warn!(partition = p, error = %e, "drain did not finish before the deadline"),
+                Err(e) => tracing::warn!(error = %e, "drain task failed"),
+            }
+        }
+    });
+    dc.ctx.abandon();
+    stop_workers(dc, workers.into_iter().map(|(_, w, b)| (w, b)).collect());
+    leave_group(consumer);
+}
+
+fn abort(consumer: &Arc<Consumer>) {
+    let dc = consumer.context();
+    dc.ctx.abandon();
+    let workers: Vec<_> = {
+        let mut st = dc.state.lock().unwrap();
+        st.pending.clear();
+        st.slots
+            .drain()
+            .filter_map(|(_, s)| match s {
+                Slot::Ready { worker, budget, .. } => Some((worker, budget)),
+                Slot::Recovering { .. } => None,
+            })
+            .collect()
+    };
+    for (w, _) in &workers {
+        w.kill();
+    }
+    stop_workers(dc, workers);
+    leave_group(consumer);
+}
+
+fn stop_workers(dc: &DriverContext, workers: Vec<(ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>)>) {
+    dc.rt.block_on(async {
+        for (w, budget) in workers {
+            let _ = w.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5))).await;
+            budget.release_all();
+        }
+    });
+}
+
+/// Unsubscribes so the group rebalances at once instead of after the session timeout.
+fn leave_group(consumer: &Arc<Consumer>) {
+    consumer.unsubscribe();
+    // Serve the resulting revoke callback (nothing is assigned any more, so it only unassigns).
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until && !consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    consumer.context().ctx.health.consuming.store(false, Ordering::Relaxed);
+}

@@ -1,0 +1,104 @@
+//! The dead-letter queue: invalid records go to `kafka.dlq_topic` with their original key and
+//! bytes and headers naming why and where from.
+//!
+//! I1 covers dead-lettered offsets too: a worker keeps every DLQ send it has made for the current
+//! flush and commits past them only once each is acknowledged; a failed delivery is re-sent.
+//! The DLQ is at-least-once: a crash after the acknowledgement and before the commit re-sends
+//! the record, so consumers of the DLQ deduplicate on (`source_partition`, `source_offset`).
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use crate::record::Rejection;
+
+pub const HEADER_REASON: &str = "reason";
+pub const HEADER_DETAIL: &str = "detail";
+pub const HEADER_SOURCE_TOPIC: &str = "source_topic";
+pub const HEADER_SOURCE_PARTITION: &str = "source_partition";
+pub const HEADER_SOURCE_OFFSET: &str = "source_offset";
+
+#[derive(Debug, thiserror::Error)]
+#[error("DLQ producer could not be created: {0}")]
+pub struct DlqError(#[from] rdkafka::error::KafkaError);
+
+/// One invalid record, kept until its DLQ write is acknowledged.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub rejection: Rejection,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+#[derive(Clone)]
+pub struct DlqProducer {
+    producer: FutureProducer,
+    topic: String,
+    source_topic: String,
+}
+
+impl DlqProducer {
+    pub fn new(base: &ClientConfig, topic: &str, source_topic: &str) -> Result<DlqProducer, DlqError> {
+        let producer: FutureProducer = base
+            .clone()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(DlqProducer { producer, topic: topic.to_string(), source_topic: source_topic.to_string() })
+    }
+
+    /// Enqueues one record; the future resolves when the broker acknowledges (or gives up).
+    pub fn send(&self, dl: &DeadLetter) -> Result<DeliveryFuture, rdkafka::error::KafkaError> {
+        let partition = dl.source_partition.to_string();
+        let offset = dl.source_offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: HEADER_REASON, value: Some(dl.rejection.reason.as_str()) })
+            .insert(Header { key: HEADER_DETAIL, value: Some(dl.rejection.detail.as_str()) })
+            .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(self.source_topic.as_str()) })
+            .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_str()) })
+            .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = &dl.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(p) = &dl.payload {
+            record = record.payload(p.as_slice());
+        }
+        self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    /// Sends and waits for the acknowledgement, retrying with backoff until acknowledged or
+    /// `give_up` says stop. Used for re-sends; the hot path pipelines [`DlqProducer::send`].
+    pub async fn send_acked(
+        &self,
+        dl: &DeadLetter,
+        backoff: Duration,
+        max_backoff: Duration,
+        give_up: impl Fn() -> bool,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let mut wait = backoff;
+        loop {
+            let err = match self.send(dl) {
+                Ok(fut) => match fut.await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err((e, _))) => e,
+                    Err(_) => rdkafka::error::KafkaError::Canceled,
+                },
+                Err(e) => e,
+            };
+            metrics::counter!(crate::metrics::DLQ_ERRORS).increment(1);
+            tracing::warn!(partition = dl.source_partition, offset = dl.source_offset, error = %err, "DLQ delivery failed, retrying");
+            if give_up() {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(max_backoff);
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! trstream: a supervised Kafka → Parquet → S3 ingestion daemon for financial transactions.
+//!
+//! The design brief (`design.md`) names the parts; each has its module here:
+//! [`record`] (the transaction and its validation), [`partition_worker`] (buffer, flush,
+//! upload, commit), [`consumer_driver`] (the rdkafka consumer and rebalances), [`pipeline`]
+//! (the supervision tree and `run`), [`lake`] (file names, Parquet, S3), [`dlq`], [`metrics`],
+//! [`config`], plus the tools around the daemon: [`produce`], [`embedded`], [`demo`], [`bench`].
+
+pub mod bench;
+pub mod config;
+pub mod consumer_driver;
+pub mod demo;
+pub mod dlq;
+pub mod embedded;
+pub mod lake;
+pub mod metrics;
+pub mod partition_worker;
+pub mod pipeline;
+pub mod produce;
+pub mod record;
+
+pub use config::Config;
+pub use pipeline::{Faults, Pipeline, run, start};

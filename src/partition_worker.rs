@@ -1,0 +1,391 @@
+//! PartitionWorker: one actor per assigned Kafka partition. It validates, buffers, dead-letters,
+//! flushes to Parquet, uploads, and only then commits.
+//!
+//! The order inside a flush is the whole of I1: (1) every DLQ write of the flush is acknowledged,
+//! (2) the Parquet file is uploaded under its deterministic name with a conditional create,
+//! (3) the offset `last + 1` is committed. A crash anywhere before (3) leaves the offsets
+//! uncommitted, so the records are read again; the recovery scan (I2) then finds the file of
+//! step (2) and adopts it instead of writing it twice. Memory (I4) is accounted in `buffered`,
+//! shared with the consumer driver, which pauses the partition when it grows past its cap.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::producer::DeliveryFuture;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::dlq::DeadLetter;
+use crate::lake::{PutOutcome, RawFileName, parquet};
+use crate::metrics as m;
+use crate::pipeline::{Consumer, PartitionBudget, PipelineCtx};
+
+/// Consumed records handed over by the driver: one buffer for a whole batch, so a batch costs
+/// one allocation, not one per record.
+#[derive(Debug, Default)]
+pub struct RecordChunk {
+    pub data: Vec<u8>,
+    pub entries: Vec<ChunkEntry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkEntry {
+    pub offset: i64,
+    pub key: Option<(u32, u32)>,
+    pub payload: Option<(u32, u32)>,
+}
+
+impl RecordChunk {
+    pub fn push(&mut self, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        let mut put = |b: &[u8]| {
+            let start = self.data.len() as u32;
+            self.data.extend_from_slice(b);
+            (start, b.len() as u32)
+        };
+        let key = key.map(&mut put);
+        let payload = payload.map(&mut put);
+        self.entries.push(ChunkEntry { offset, key, payload });
+    }
+
+    /// Bytes this chunk holds, as counted against the memory caps.
+    pub fn accounted_bytes(&self) -> usize {
+        self.data.len() + self.entries.len() * std::mem::size_of::<ChunkEntry>()
+    }
+
+    fn slice(&self, r: Option<(u32, u32)>) -> Option<&[u8]> {
+        r.map(|(s, l)| &self.data[s as usize..(s + l) as usize])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+pub enum PartitionWorkerMsg {
+    Records(RecordChunk),
+    /// Periodic check of the flush age.
+    Tick,
+    /// Flush, upload and commit everything buffered, then reply with the committed next offset.
+    Drain(RpcReplyPort<Result<Option<i64>, String>>),
+}
+
+pub struct PartitionWorkerArgs {
+    pub partition: i32,
+    /// First offset this worker may accept; lower ones are already in the lake or committed.
+    pub start_offset: Option<i64>,
+    /// A file the recovery scan adopted: its `last + 1` is committed before anything else.
+    pub adopted: Option<RawFileName>,
+    pub ctx: Arc<PipelineCtx>,
+    pub consumer: Arc<Consumer>,
+    pub budget: Arc<PartitionBudget>,
+}
+
+/// The offsets and bytes of the current flush.
+struct Window {
+    first: i64,
+    last: i64,
+    opened: Instant,
+    bytes: usize,
+}
+
+pub struct PartitionWorkerState {
+    partition: i32,
+    partition_label: String,
+    ctx: Arc<PipelineCtx>,
+    consumer: Arc<Consumer>,
+    budget: Arc<PartitionBudget>,
+    rows: parquet::RowBuffer,
+    window: Option<Window>,
+    dlq_pending: Vec<(DeadLetter, Option<DeliveryFuture>)>,
+    next_offset: Option<i64>,
+    pending_commit: Option<i64>,
+    committed: Option<i64>,
+    tick: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub struct PartitionWorker;
+
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    Rows,
+    Bytes,
+    Age,
+    Drain,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Rows => "rows",
+            Trigger::Bytes => "bytes",
+            Trigger::Age => "age",
+            Trigger::Drain => "drain",
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl Actor for PartitionWorker {
+    type Msg = PartitionWorkerMsg;
+    type State = PartitionWorkerState;
+    type Arguments = PartitionWorkerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: PartitionWorkerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let max_age = args.ctx.config.flush.max_age;
+        let period = (max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let tick = myself.send_interval(period, || PartitionWorkerMsg::Tick);
+        let pending_commit = args.adopted.as_ref().map(|f| f.last_offset + 1);
+        if let Some(f) = &args.adopted {
+            args.ctx.stats.adopted_files.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::FILES_ADOPTED).increment(1);
+            tracing::info!(partition = args.partition, file = %f, "adopted an uploaded but uncommitted file");
+        }
+        tracing::debug!(partition = args.partition, start_offset = ?args.start_offset, "partition worker started");
+        let state = PartitionWorkerState {
+            partition: args.partition,
+            partition_label: args.partition.to_string(),
+            ctx: args.ctx,
+            consumer: args.consumer,
+            budget: args.budget,
+            rows: parquet::RowBuffer::new(),
+            window: None,
+            dlq_pending: Vec::new(),
+            next_offset: args.start_offset,
+            pending_commit,
+            committed: None,
+            tick: Some(tick),
+        };
+        if state.pending_commit.is_some() {
+            myself.send_message(PartitionWorkerMsg::Tick)?;
+        }
+        Ok(state)
+    }
+
+    async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.tick.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PartitionWorkerMsg::Records(chunk) => state.on_records(chunk).await?,
+            PartitionWorkerMsg::Tick => {
+                if let Some(next) = state.pending_commit {
+                    state.commit(next).await?;
+                }
+                let aged = state.window.as_ref().is_some_and(|w| w.opened.elapsed() >= state.ctx.config.flush.max_age);
+                if aged {
+                    state.flush(Trigger::Age).await?;
+                }
+            }
+            PartitionWorkerMsg::Drain(reply) => {
+                let res = state.drain().await;
+                let answer = res.as_ref().map(|_| state.committed).map_err(|e| e.to_string());
+                let _ = reply.send(answer);
+                res?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PartitionWorkerState {
+    async fn drain(&mut self) -> Result<(), ActorProcessingErr> {
+        if let Some(next) = self.pending_commit {
+            self.commit(next).await?;
+        }
+        self.flush(Trigger::Drain).await
+    }
+
+    async fn on_records(&mut self, chunk: RecordChunk) -> Result<(), ActorProcessingErr> {
+        let now_us = now_micros();
+        let p = self.partition;
+        let topic = &self.ctx.config.kafka.topic;
+        let (mut consumed, mut skipped) = (0u64, 0u64);
+        for e in &chunk.entries {
+            if self.next_offset.is_some_and(|n| e.offset < n) {
+                skipped += 1;
+                continue;
+            }
+            if self.ctx.faults.should_panic(p, e.offset) {
+                panic!("injected fault: partition worker {p} fails at offset {}", e.offset);
+            }
+            if self.next_offset.is_none() && self.committed.is_none() && self.pending_commit.is_none() {
+                // Nothing committed yet for this partition: record where we start, so a
+                // replacement after a crash resumes here rather than at `auto.offset.reset`.
+                self.pending_commit = Some(e.offset);
+            }
+            consumed += 1;
+            let payload = chunk.slice(e.payload);
+            match self.ctx.validator.validate(payload, now_us) {
+                Ok(t) => self.rows.push(&t, p, e.offset, now_us),
+                Err(rejection) => {
+                    metrics::counter!(m::RECORDS_INVALID, "reason" => rejection.reason.as_str()).increment(1);
+                    self.ctx.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(partition = p, offset = e.offset, reason = %rejection.reason, "dead-lettering");
+                    let dl = DeadLetter {
+                        key: chunk.slice(e.key).map(<[u8]>::to_vec),
+                        payload: payload.map(<[u8]>::to_vec),
+                        rejection,
+                        source_partition: p,
+                        source_offset: e.offset,
+                    };
+                    let fut = self.ctx.dlq.send(&dl).ok();
+                    self.dlq_pending.push((dl, fut));
+                }
+            }
+            let w = self.window.get_or_insert(Window { first: e.offset, last: e.offset, opened: Instant::now(), bytes: 0 });
+            w.last = e.offset;
+            self.next_offset = Some(e.offset + 1);
+        }
+        let bytes = chunk.accounted_bytes();
+        match &mut self.window {
+            Some(w) => w.bytes += bytes,
+            None => self.budget.release(bytes),
+        }
+        if consumed > 0 {
+            metrics::counter!(m::RECORDS_CONSUMED, "partition" => self.partition_label.clone()).increment(consumed);
+            self.ctx.stats.consumed.fetch_add(consumed, Ordering::Relaxed);
+        }
+        if skipped > 0 {
+            metrics::counter!(m::RECORDS_SKIPPED).increment(skipped);
+            self.ctx.stats.skipped.fetch_add(skipped, Ordering::Relaxed);
+            tracing::debug!(partition = p, topic = %topic, skipped, "skipped records already in the lake");
+        }
+        let flush = &self.ctx.config.flush;
+        if self.rows.len() >= flush.max_rows {
+            self.flush(Trigger::Rows).await?;
+        } else if self.window.as_ref().is_some_and(|w| w.bytes >= flush.max_bytes) {
+            self.flush(Trigger::Bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// DLQ acks, then upload, then commit: the order that makes I1 hold.
+    async fn flush(&mut self, trigger: Trigger) -> Result<(), ActorProcessingErr> {
+        let Some(w) = self.window.take() else { return Ok(()) };
+        let started = Instant::now();
+        let p = self.partition;
+        self.await_dlq().await?;
+
+        let rows = self.rows.len();
+        if rows > 0 {
+            let batch = self.rows.finish();
+            let name = RawFileName {
+                topic: self.ctx.config.kafka.topic.clone(),
+                partition: p,
+                first_offset: w.first,
+                last_offset: w.last,
+            };
+            let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
+            let encode_name = name.clone();
+            let body = tokio::task::spawn_blocking(move || parquet::encode(&batch, &encode_name, level, rg))
+                .await
+                .map_err(|e| format!("parquet encoder task failed: {e}"))?
+                .map_err(|e| format!("parquet encoding of {name} failed: {e}"))?;
+            let size = body.len();
+            let key = name.key(&self.ctx.config.s3.raw_prefix);
+            let outcome = self.upload(&key, bytes::Bytes::from(body)).await?;
+            self.ctx.stats.files.fetch_add(1, Ordering::Relaxed);
+            self.ctx.stats.upload_bytes.fetch_add(size as u64, Ordering::Relaxed);
+            metrics::counter!(m::FILES_UPLOADED).increment(1);
+            metrics::counter!(m::UPLOAD_BYTES).increment(size as u64);
+            tracing::debug!(partition = p, first_offset = w.first, last_offset = w.last, rows, bytes = size, ?outcome, trigger = trigger.as_str(), "uploaded raw file");
+            if self.ctx.faults.take_crash_after_upload(p) {
+                return Err(format!("injected fault: crash after uploading {key}, before the commit").into());
+            }
+        }
+        self.commit(w.last + 1).await?;
+        self.ctx.stats.written.fetch_add(rows as u64, Ordering::Relaxed);
+        metrics::counter!(m::RECORDS_WRITTEN, "partition" => self.partition_label.clone()).increment(rows as u64);
+        metrics::counter!(m::FLUSHES, "trigger" => trigger.as_str()).increment(1);
+        metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
+        self.budget.release(w.bytes);
+        Ok(())
+    }
+
+    /// Waits for every DLQ write of this flush; failed ones are re-sent until acknowledged.
+    async fn await_dlq(&mut self) -> Result<(), ActorProcessingErr> {
+        let upload = &self.ctx.config.upload;
+        for (dl, fut) in self.dlq_pending.drain(..) {
+            let acked = match fut {
+                Some(f) => matches!(f.await, Ok(Ok(_))),
+                None => false,
+            };
+            if !acked {
+                let ctx = self.ctx.clone();
+                self.ctx
+                    .dlq
+                    .send_acked(&dl, upload.retry_initial_backoff, upload.retry_max_backoff, move || ctx.abandoning())
+                    .await
+                    .map_err(|e| format!("DLQ write for offset {} abandoned at shutdown: {e}", dl.source_offset))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Conditional create, retried with capped exponential backoff while the store is down.
+    async fn upload(&self, key: &str, body: bytes::Bytes) -> Result<PutOutcome, ActorProcessingErr> {
+        let cfg = &self.ctx.config.upload;
+        let mut wait = cfg.retry_initial_backoff;
+        loop {
+            match self.ctx.store.put_if_absent(key, body.clone()).await {
+                Ok(outcome) => {
+                    self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
+                    return Ok(outcome);
+                }
+                Err(e) if e.is_retryable() => {
+                    self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
+                    self.ctx.stats.upload_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::UPLOAD_ERRORS).increment(1);
+                    tracing::warn!(partition = self.partition, key, error = %e, retry_in = ?wait, "upload failed");
+                    if self.ctx.abandoning() {
+                        return Err(format!("upload of {key} abandoned at shutdown: {e}").into());
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(cfg.retry_max_backoff);
+                }
+                Err(e) => {
+                    self.ctx.stats.upload_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::UPLOAD_ERRORS).increment(1);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Synchronous commit of `next` (the next offset to read). A failure escalates: the
+    /// supervisor restarts the worker, whose recovery scan adopts what was uploaded.
+    async fn commit(&mut self, next: i64) -> Result<(), ActorProcessingErr> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.ctx.config.kafka.topic, self.partition, Offset::Offset(next))?;
+        let consumer = self.consumer.clone();
+        let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| format!("commit task failed: {e}"))?;
+        if let Err(e) = res {
+            metrics::counter!(m::COMMIT_ERRORS).increment(1);
+            return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
+        }
+        self.pending_commit = None;
+        self.committed = Some(next);
+        self.ctx.stats.record_commit(self.partition, next);
+        Ok(())
+    }
+}

@@ -1,0 +1,500 @@
+//! The daemon's supervision tree and its entry points, `start` and `run` (design §5).
+//!
+//! ```text
+//! Root (restarts IngestSupervisor, gives up after supervision.max_restarts in restart_window)
+//!  └─ IngestSupervisor (one_for_one over workers; owns the ConsumerDriver thread)
+//!       ├─ ConsumerDriver thread (rdkafka consumer, rebalance, routing, pause/resume, seek)
+//!       └─ PartitionWorker × assigned partitions (transient)
+//! ```
+//! ractor has no restart strategies of its own: every parent implements
+//! `handle_supervisor_evt`, and decides there whether to restart, or to give up and stop so its
+//! own parent decides. `supervision.md` is the reference for what happens on each crash.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+use crate::config::Config;
+use crate::consumer_driver::{self, DriverCmd, DriverContext};
+use crate::dlq::DlqProducer;
+use crate::lake::LakeStore;
+use crate::metrics::{self as m, Health, Stats};
+use crate::record::Validator;
+
+pub type Consumer = BaseConsumer<DriverContext>;
+
+/// Test-only fault hooks. Nothing in configuration can set them; tests use them to crash a
+/// worker at a chosen point and check that supervision restores the end state.
+#[derive(Debug, Default)]
+pub struct Faults {
+    panic_at: Mutex<HashMap<i32, i64>>,
+    crash_after_upload: Mutex<HashMap<i32, u32>>,
+}
+
+impl Faults {
+    /// The worker of `partition` panics once, on the first record at or after `offset`.
+    pub fn panic_at_offset(&self, partition: i32, offset: i64) {
+        self.panic_at.lock().unwrap().insert(partition, offset);
+    }
+
+    /// The next `times` flushes of `partition` fail after the upload and before the commit.
+    pub fn crash_after_upload(&self, partition: i32, times: u32) {
+        self.crash_after_upload.lock().unwrap().insert(partition, times);
+    }
+
+    pub(crate) fn should_panic(&self, partition: i32, offset: i64) -> bool {
+        let mut map = self.panic_at.lock().unwrap();
+        match map.get(&partition) {
+            Some(&at) if offset >= at => {
+                map.remove(&partition);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn take_crash_after_upload(&self, partition: i32) -> bool {
+        let mut map = self.crash_after_upload.lock().unwrap();
+        match map.get_mut(&partition) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What every actor of one pipeline shares.
+pub struct PipelineCtx {
+    pub config: Config,
+    pub validator: Validator,
+    pub store: LakeStore,
+    pub dlq: DlqProducer,
+    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    pub faults: Arc<Faults>,
+    /// Prefix of actor names: names are global in ractor, and tests run several pipelines.
+    pub instance: String,
+    /// Consumed-but-uncommitted bytes of all partitions (I4).
+    pub total_buffered: AtomicUsize,
+    abandon: AtomicBool,
+}
+
+impl PipelineCtx {
+    /// Past the shutdown deadline: retry loops give up (nothing is committed, nothing lost).
+    pub fn abandoning(&self) -> bool {
+        self.abandon.load(Ordering::Relaxed)
+    }
+
+    pub fn abandon(&self) {
+        self.abandon.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One partition's share of the memory caps: bytes routed to its worker and not yet committed.
+pub struct PartitionBudget {
+    ctx: Arc<PipelineCtx>,
+    buffered: AtomicUsize,
+}
+
+impl PartitionBudget {
+    pub fn new(ctx: Arc<PipelineCtx>) -> Self {
+        PartitionBudget { ctx, buffered: AtomicUsize::new(0) }
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    pub fn acquire(&self, n: usize) {
+        self.buffered.fetch_add(n, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn release(&self, n: usize) {
+        let prev = self.buffered.fetch_sub(n, Ordering::Relaxed);
+        debug_assert!(prev >= n, "released more than acquired");
+        self.ctx.total_buffered.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Returns everything still held (the worker is gone).
+    pub fn release_all(&self) {
+        let n = self.buffered.swap(0, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// librdkafka settings shared by the consumer and the DLQ producer.
+pub fn kafka_base_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in &config.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn consumer_config(config: &Config) -> ClientConfig {
+    let k = &config.kafka;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
+        .set("queued.max.messages.kbytes", k.fetch_queue_kbytes.to_string())
+        .set("partition.assignment.strategy", "range,roundrobin");
+    for (key, v) in &k.properties {
+        c.set(key, v);
+    }
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// IngestSupervisor
+
+pub struct IngestSupervisor;
+
+pub enum IngestMsg {
+    /// The driver thread ended on its own (a bug or a fatal consumer error).
+    DriverExited(String),
+    /// Graceful shutdown (I7): drain, commit, leave the group, then reply.
+    Shutdown(RpcReplyPort<()>),
+}
+
+pub struct IngestState {
+    ctx: Arc<PipelineCtx>,
+    cmds: Sender<DriverCmd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    restarts: HashMap<i32, VecDeque<Instant>>,
+}
+
+impl Drop for IngestState {
+    /// Runs on every exit, a panic included (ractor skips `post_stop` after a failure): the
+    /// driver must not outlive its supervisor with workers nobody supervises.
+    fn drop(&mut self) {
+        let _ = self.cmds.send(DriverCmd::Abort);
+    }
+}
+
+impl Actor for IngestSupervisor {
+    type Msg = IngestMsg;
+    type State = IngestState;
+    type Arguments = Arc<PipelineCtx>;
+
+    async fn pre_start(&self, myself: ActorRef<IngestMsg>, ctx: Arc<PipelineCtx>) -> Result<IngestState, ActorProcessingErr> {
+        let dc = DriverContext::new(ctx.clone(), tokio::runtime::Handle::current(), myself.get_cell());
+        let consumer: Consumer = consumer_config(&ctx.config)
+            .create_with_context(dc)
+            .map_err(|e| format!("creating the Kafka consumer: {e}"))?;
+        let consumer = Arc::new(consumer);
+        consumer.context().set_consumer(&consumer);
+        consumer
+            .subscribe(&[&ctx.config.kafka.topic])
+            .map_err(|e| format!("subscribing to {}: {e}", ctx.config.kafka.topic))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = myself.clone();
+        let thread = std::thread::Builder::new()
+            .name("trstream-consumer".into())
+            .spawn(move || {
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| consumer_driver::run(consumer, rx)));
+                let why = match res {
+                    Ok(()) => "stopped".to_string(),
+                    Err(p) => format!(
+                        "panicked: {}",
+                        p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("?")
+                    ),
+                };
+                let _ = me.cast(IngestMsg::DriverExited(why));
+            })
+            .map_err(|e| format!("spawning the consumer thread: {e}"))?;
+        Ok(IngestState { ctx, cmds: tx, thread: Some(thread), restarts: HashMap::new() })
+    }
+
+    async fn handle(&self, myself: ActorRef<IngestMsg>, msg: IngestMsg, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            IngestMsg::DriverExited(why) => {
+                if state.thread.is_some() {
+                    tracing::error!(reason = %why, "consumer driver exited; restarting the ingest subtree");
+                    state.thread = None;
+                    myself.stop(Some(format!("consumer driver {why}")));
+                }
+            }
+            IngestMsg::Shutdown(reply) => {
+                let deadline = Instant::now() + state.ctx.config.shutdown.timeout;
+                let _ = state.cmds.send(DriverCmd::Shutdown { deadline });
+                if let Some(t) = state.thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                }
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        evt: SupervisionEvent,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            let name = cell.get_name().unwrap_or_default();
+            let Some(partition) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                tracing::error!(actor = %name, error = %err, "unknown child failed");
+                return Ok(());
+            };
+            tracing::warn!(partition, error = %err, "partition worker failed");
+            let sup = &state.ctx.config.supervision;
+            let window = state.restarts.entry(partition).or_default();
+            let now = Instant::now();
+            window.retain(|t| now.duration_since(*t) < sup.restart_window);
+            window.push_back(now);
+            if window.len() > sup.max_restarts as usize {
+                tracing::error!(partition, restarts = window.len(), "restart intensity exceeded; escalating");
+                myself.stop(Some(format!(
+                    "partition {partition} worker failed {} times within {}: {err}",
+                    window.len(),
+                    humantime::format_duration(sup.restart_window)
+                )));
+                return Ok(());
+            }
+            state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::ACTOR_RESTARTS, "actor" => "partition_worker").increment(1);
+            let _ = state.cmds.send(DriverCmd::WorkerDied { partition, worker: cell.get_id() });
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Root
+
+pub struct RootActor;
+
+pub enum RootMsg {
+    StartIngest,
+    Shutdown(RpcReplyPort<()>),
+}
+
+pub struct RootState {
+    ctx: Arc<PipelineCtx>,
+    ingest: Option<ActorRef<IngestMsg>>,
+    generation: u64,
+    restarts: VecDeque<Instant>,
+    shutting_down: bool,
+}
+
+impl RootActor {
+    async fn start_ingest(&self, myself: &ActorRef<RootMsg>, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+        state.generation += 1;
+        let name = format!("{}/ingest-{}", state.ctx.instance, state.generation);
+        match Actor::spawn_linked(Some(name), IngestSupervisor, state.ctx.clone(), myself.get_cell()).await {
+            Ok((r, _)) => {
+                state.ingest = Some(r);
+                Ok(())
+            }
+            Err(e) => self.child_down(myself, state, format!("ingest supervisor failed to start: {e}")),
+        }
+    }
+
+    fn child_down(&self, myself: &ActorRef<RootMsg>, state: &mut RootState, why: String) -> Result<(), ActorProcessingErr> {
+        state.ingest = None;
+        if state.shutting_down {
+            return Ok(());
+        }
+        let sup = &state.ctx.config.supervision;
+        let now = Instant::now();
+        state.restarts.retain(|t| now.duration_since(*t) < sup.restart_window);
+        state.restarts.push_back(now);
+        if state.restarts.len() > sup.max_restarts as usize {
+            tracing::error!(reason = %why, "ingest supervisor restart intensity exceeded; stopping");
+            let reason = format!("gave up after {} restarts of the ingest supervisor: {why}", state.restarts.len());
+            *state.ctx.health.exit_reason.lock().unwrap() = Some(reason.clone());
+            state.ctx.health.alive.store(false, Ordering::Relaxed);
+            myself.stop(Some(reason));
+            return Ok(());
+        }
+        tracing::warn!(reason = %why, "ingest supervisor down; restarting");
+        state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::ACTOR_RESTARTS, "actor" => "ingest_supervisor").increment(1);
+        // A short pause lets the old consumer leave the group first.
+        myself.send_after(Duration::from_millis(500), || RootMsg::StartIngest);
+        Ok(())
+    }
+}
+
+impl Actor for RootActor {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = Arc<PipelineCtx>;
+
+    async fn pre_start(&self, myself: ActorRef<RootMsg>, ctx: Arc<PipelineCtx>) -> Result<RootState, ActorProcessingErr> {
+        ctx.health.alive.store(true, Ordering::Relaxed);
+        let mut state = RootState { ctx, ingest: None, generation: 0, restarts: VecDeque::new(), shutting_down: false };
+        let me = myself.clone();
+        RootActor.start_ingest(&me, &mut state).await?;
+        Ok(state)
+    }
+
+    async fn handle(&self, myself: ActorRef<RootMsg>, msg: RootMsg, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::StartIngest => {
+                if !state.shutting_down && state.ingest.is_none() {
+                    self.start_ingest(&myself, state).await?;
+                }
+            }
+            RootMsg::Shutdown(reply) => {
+                state.shutting_down = true;
+                if let Some(ingest) = state.ingest.take() {
+                    let timeout = state.ctx.config.shutdown.timeout + Duration::from_secs(5);
+                    if let Err(e) = ractor::call_t!(ingest, IngestMsg::Shutdown, timeout.as_millis() as u64) {
+                        tracing::warn!(error = %e, "ingest shutdown did not finish in time");
+                    }
+                }
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, myself: ActorRef<RootMsg>, evt: SupervisionEvent, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+        let current = state.ingest.as_ref().map(|r| r.get_id());
+        match evt {
+            SupervisionEvent::ActorTerminated(cell, _, reason) if Some(cell.get_id()) == current => {
+                self.child_down(&myself, state, reason.unwrap_or_else(|| "stopped".into()))?;
+            }
+            SupervisionEvent::ActorFailed(cell, err) if Some(cell.get_id()) == current => {
+                self.child_down(&myself, state, format!("failed: {err}"))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Dlq(#[from] crate::dlq::DlqError),
+    #[error("S3 bucket check failed: {0}")]
+    Store(#[from] crate::lake::StoreError),
+    #[error("metrics server: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("supervision tree failed to start: {0}")]
+    Spawn(String),
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    pub faults: Arc<Faults>,
+    pub http_addr: Option<SocketAddr>,
+    root: ActorRef<RootMsg>,
+    root_task: tokio::task::JoinHandle<()>,
+    http_stop: tokio::sync::watch::Sender<bool>,
+}
+
+static INSTANCE_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts the daemon's supervision tree and HTTP server.
+pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, StartError> {
+    let handle = m::install();
+    let store = LakeStore::new(&config.s3, &config.s3.raw_bucket);
+    let health = Arc::new(Health::default());
+    if config.s3.create_bucket {
+        store.ensure_bucket().await?;
+        health.s3_ok.store(true, Ordering::Relaxed);
+    } else {
+        // Not fatal: S3 may come up after us; uploads retry and /readyz tells.
+        match store.probe().await {
+            Ok(()) => health.s3_ok.store(true, Ordering::Relaxed),
+            Err(e) if e.is_retryable() => tracing::warn!(error = %e, "S3 not reachable yet"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let dlq = DlqProducer::new(&kafka_base_config(&config), &config.kafka.dlq_topic, &config.kafka.topic)?;
+    let instance = format!("trstream-{}-{}", std::process::id(), INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed));
+    let stats = Arc::new(Stats::default());
+    let ctx = Arc::new(PipelineCtx {
+        validator: config.validator(),
+        config,
+        store,
+        dlq,
+        stats: stats.clone(),
+        health: health.clone(),
+        faults: faults.clone(),
+        instance: instance.clone(),
+        total_buffered: AtomicUsize::new(0),
+        abandon: AtomicBool::new(false),
+    });
+    let (http_stop, http_rx) = tokio::sync::watch::channel(false);
+    let http_addr = match ctx.config.http.listen.as_str() {
+        "" => None,
+        addr => {
+            let addr: SocketAddr = addr.parse().expect("validated in Config::validate");
+            Some(m::serve(addr, handle, health.clone(), http_rx).await?)
+        }
+    };
+    let (root, root_handle) = Actor::spawn(Some(format!("{instance}/root")), RootActor, ctx)
+        .await
+        .map_err(|e| StartError::Spawn(e.to_string()))?;
+    let h = health.clone();
+    let root_task = tokio::spawn(async move {
+        let _ = root_handle.await;
+        h.alive.store(false, Ordering::Relaxed);
+    });
+    tracing::info!(http = ?http_addr, "trstream started");
+    Ok(Pipeline { stats, health, faults, http_addr, root, root_task, http_stop })
+}
+
+impl Pipeline {
+    /// Graceful shutdown (I7): drain, upload, commit, leave the group.
+    pub async fn shutdown(self) {
+        let timeout = Duration::from_secs(120);
+        if let Err(e) = ractor::call_t!(self.root, RootMsg::Shutdown, timeout.as_millis() as u64) {
+            tracing::warn!(error = %e, "shutdown request failed");
+        }
+        let _ = self.root_task.await;
+        let _ = self.http_stop.send(true);
+    }
+
+    /// Resolves if the supervision tree stops on its own (restart intensity exceeded).
+    pub async fn stopped(&mut self) -> String {
+        let _ = (&mut self.root_task).await;
+        self.health.exit_reason.lock().unwrap().clone().unwrap_or_else(|| "supervision tree stopped".into())
+    }
+}
+
+/// `trstream run`: start, run until `shutdown` resolves, drain, exit.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut pipeline = start(config, Arc::new(Faults::default())).await?;
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutdown requested; draining");
+            pipeline.shutdown().await;
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+        reason = pipeline.stopped() => {
+            anyhow::bail!("trstream stopped: {reason}")
+        }
+    }
+}
