@@ -1,1 +1,226 @@
-fn main() {}
+//! The `trstream` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use trstream::config::{Config, Sources};
+use trstream::produce::{GenOptions, ProduceOptions, ProduceProgress};
+
+#[derive(Parser)]
+#[command(name = "trstream", version, about = "Kafka → Parquet → S3 ingestion of financial transactions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ingestion daemon.
+    Run(RunArgs),
+    /// Produce synthetic transactions to Kafka.
+    Produce(ProduceArgs),
+    /// Everything in one process on embedded Kafka and S3, with a live progress line.
+    Demo(trstream::demo::DemoArgs),
+    /// End-to-end throughput and peak memory on the embedded infrastructure.
+    Bench(trstream::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML configuration file; every key can also be set by TRSTREAM_<SECTION>_<KEY>.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override any key: --set flush.max_rows=50000 (repeatable; wins over file and env).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Shorthand for --set kafka.brokers=…
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Shorthand for --set kafka.topic=…
+    #[arg(long)]
+    topic: Option<String>,
+    /// Shorthand for --set kafka.group_id=…
+    #[arg(long)]
+    group_id: Option<String>,
+    /// Shorthand for --set s3.endpoint=…
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// Shorthand for --set http.listen=…
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Print the effective configuration (secret redacted) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    #[arg(long, default_value = "localhost:9092", env = "TRSTREAM_KAFKA_BROKERS")]
+    brokers: String,
+    #[arg(long, default_value = "transactions")]
+    topic: String,
+    /// Stop after this many records (default: run until --duration or Ctrl-C).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Records per second (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Stop after this long, e.g. 30s, 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Number of distinct users (message keys).
+    #[arg(long, default_value_t = 1000)]
+    users: u32,
+    /// Force transaction_type (CREDIT, DEBIT, TRANSFER, PAYMENT, WITHDRAWAL, REFUND).
+    #[arg(long)]
+    transaction_type: Option<String>,
+    /// Smallest amount, a decimal like 0.01.
+    #[arg(long, default_value = "0.01")]
+    amount_min: String,
+    /// Largest amount, a decimal like 5000.00.
+    #[arg(long, default_value = "5000.00")]
+    amount_max: String,
+    /// Force currency (ISO 4217, from the allow-list).
+    #[arg(long)]
+    currency: Option<String>,
+    /// Force country (ISO 3166-1 alpha-2).
+    #[arg(long)]
+    country: Option<String>,
+    /// Fraction of invalid records, cycling through every DLQ reason (0.0..=1.0).
+    #[arg(long, default_value_t = 0.0)]
+    invalid_ratio: f64,
+    /// Size oversized records are padded to, in bytes (the daemon's validation.max_record_bytes + 1).
+    #[arg(long, default_value_t = 64 * 1024 + 1)]
+    oversize_bytes: usize,
+    /// Random seed (the same seed gives the same records, ids included).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRSTREAM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo and the benchmark draw a progress line; only warnings may interrupt it.
+    init_tracing(match cli.command {
+        Command::Demo(_) | Command::Bench(_) => "warn",
+        _ => "info,librdkafka=warn,rdkafka=warn",
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let res = match cli.command {
+        Command::Run(args) => rt.block_on(run(args)),
+        Command::Produce(args) => produce(args),
+        Command::Demo(args) => rt.block_on(trstream::demo::run(args)),
+        Command::Bench(args) => rt.block_on(trstream::bench::run(args)),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut overrides = Vec::new();
+    for (key, v) in [
+        ("kafka.brokers", &args.brokers),
+        ("kafka.topic", &args.topic),
+        ("kafka.group_id", &args.group_id),
+        ("s3.endpoint", &args.s3_endpoint),
+        ("http.listen", &args.http_listen),
+    ] {
+        if let Some(v) = v {
+            overrides.push(format!("{key}={v:?}"));
+        }
+    }
+    overrides.extend(args.overrides);
+    let config = Config::load(&Sources { file: args.config, env: std::env::vars().collect(), overrides })?;
+    if args.print_config {
+        print!("{config}");
+        return Ok(());
+    }
+    trstream::run(config, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn produce(a: ProduceArgs) -> anyhow::Result<()> {
+    let cents = |flag: &str, v: &str| {
+        trstream::record::parse_amount_cents(v).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {}", e.detail))
+    };
+    let opts = ProduceOptions {
+        brokers: a.brokers,
+        topic: a.topic,
+        count: a.count,
+        rate: a.rate,
+        duration: a.duration,
+        generator: GenOptions {
+            users: a.users,
+            transaction_type: a.transaction_type,
+            amount_min_cents: cents("--amount-min", &a.amount_min)?,
+            amount_max_cents: cents("--amount-max", &a.amount_max)?,
+            currency: a.currency,
+            country: a.country,
+            invalid_ratio: a.invalid_ratio,
+            oversize_bytes: a.oversize_bytes,
+            seed: a.seed.unwrap_or_else(|| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                now.as_nanos() as u64 ^ u64::from(std::process::id())
+            }),
+            ..GenOptions::default()
+        },
+        properties: Vec::new(),
+        progress: true,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc_flag(s);
+    let summary = trstream::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "done: {} records in {:.1?} ({:.0}/s), {} acknowledged, {} failed, {} invalid by design",
+        summary.sent,
+        summary.elapsed,
+        summary.sent as f64 / summary.elapsed.as_secs_f64().max(1e-3),
+        summary.acked,
+        summary.failed,
+        summary.invalid
+    );
+    if summary.failed > 0 {
+        anyhow::bail!("{} records were not acknowledged by the broker", summary.failed);
+    }
+    Ok(())
+}
+
+/// Sets `flag` on Ctrl-C, from a small runtime of its own (produce is synchronous).
+fn ctrlc_flag(flag: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
