@@ -1,0 +1,166 @@
+//! End-to-end ingestion on the embedded mock cluster and s3s-fs: the invariants I1–I4 and I7
+//! under clean runs and injected faults. Every scenario ends with the same check: each valid id
+//! exactly once in raw-data, each invalid record in the DLQ with its reason, offsets committed
+//! to the log end.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Harness, wait_for};
+use trstream::Faults;
+use trstream::metrics::Stats;
+
+const GROUP: &str = "trstream-test";
+const DONE: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_records_land_exactly_once() {
+    let mut h = Harness::new(4).await;
+    // Produce while consuming, in slices, so the mock's 5 MB per-partition log never drops data.
+    let pipeline = trstream::start(h.config(), Arc::new(Faults::default())).await.unwrap();
+    for _ in 0..5 {
+        h.produce(10_000);
+    }
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    let stats = pipeline.stats.clone();
+    pipeline.shutdown().await;
+    h.assert_exactly_once(GROUP, true);
+    assert_eq!(Stats::get(&stats.restarts), 0);
+    assert!(h.raw_files().len() >= 20, "flushes of at most 2000 rows: {} files", h.raw_files().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_failing_mid_stream_is_restarted_and_nothing_is_lost() {
+    let mut h = Harness::new(4).await;
+    let faults = Arc::new(Faults::default());
+    faults.panic_at_offset(1, 3_000);
+    faults.panic_at_offset(2, 100);
+    let pipeline = trstream::start(h.config(), faults).await.unwrap();
+    for _ in 0..3 {
+        h.produce(10_000);
+    }
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    let stats = pipeline.stats.clone();
+    pipeline.shutdown().await;
+    assert_eq!(Stats::get(&stats.restarts), 2, "both injected failures restarted their worker");
+    h.assert_exactly_once(GROUP, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_upload_and_commit_adopts_the_file() {
+    let mut h = Harness::new(2).await;
+    let faults = Arc::new(Faults::default());
+    faults.crash_after_upload(0, 2);
+    let pipeline = trstream::start(h.config(), faults).await.unwrap();
+    h.produce(10_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    let stats = pipeline.stats.clone();
+    pipeline.shutdown().await;
+    assert_eq!(Stats::get(&stats.restarts), 2);
+    assert!(Stats::get(&stats.adopted_files) >= 2, "the uploaded files were adopted, not rewritten");
+    h.assert_exactly_once(GROUP, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_loses_nothing_and_keeps_buffers_under_the_cap() {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    config.memory.partition_max_buffered_bytes = 1024 * 1024;
+    config.memory.total_max_buffered_bytes = 2 * 1024 * 1024;
+    config.flush.max_bytes = 512 * 1024;
+    config.kafka.fetch_queue_kbytes = 256;
+    let caps = config.memory.total_max_buffered_bytes as u64;
+    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    h.produce(2_000);
+    wait_for("the first records committed", DONE, || h.all_committed(GROUP)).await;
+
+    h.s3.set_down(true);
+    // ~40k records ≈ 15 MB: far more than the 2 MB cap.
+    for _ in 0..4 {
+        h.produce(10_000);
+    }
+    let stats = pipeline.stats.clone();
+    wait_for("uploads failing and partitions paused", DONE, || {
+        Stats::get(&stats.upload_errors) > 0 && Stats::get(&stats.pauses) > 0
+    })
+    .await;
+    assert!(!pipeline.health.s3_ok.load(Ordering::Relaxed), "/readyz reports the outage");
+    // The outage goes on; memory must stay bounded while it does.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = Stats::get(&stats.max_buffered_bytes);
+    // The cap plus at most one routing batch that arrived before the pause took effect.
+    assert!(peak <= caps + 2 * 1024 * 1024, "buffered {peak} bytes, cap {caps}");
+    assert!(!h.all_committed(GROUP));
+
+    h.s3.set_down(false);
+    wait_for("all offsets committed after the outage", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    h.assert_exactly_once(GROUP, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_going_down_and_up_loses_nothing() {
+    let mut h = Harness::new(3).await;
+    let pipeline = trstream::start(h.config(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(5_000);
+    wait_for("the first records committed", DONE, || h.all_committed(GROUP)).await;
+    h.produce(5_000);
+    h.kafka.cluster.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.kafka.cluster.broker_up(1).unwrap();
+    h.produce(5_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    h.assert_exactly_once(GROUP, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_commits_everything_it_flushed() {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    // Nothing would flush on its own for a minute: only the shutdown drain can commit.
+    config.flush.max_age = Duration::from_secs(60);
+    config.flush.max_rows = 1_000_000;
+    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    h.produce(3_000);
+    let stats = pipeline.stats.clone();
+    wait_for("every record consumed", DONE, || Stats::get(&stats.consumed) + Stats::get(&stats.skipped) >= 3_000).await;
+    assert!(h.raw_files().is_empty(), "nothing flushed before the shutdown");
+    pipeline.shutdown().await;
+    assert_eq!(h.raw_files().len(), 2, "one file per partition, written by the drain");
+    h.assert_exactly_once(GROUP, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_resumes_without_duplicates_and_serves_health() {
+    let mut h = Harness::new(2).await;
+    let pipeline = trstream::start(h.config(), Arc::new(Faults::default())).await.unwrap();
+    let addr = pipeline.http_addr.expect("http server");
+    h.produce(4_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    let metrics = http_get(addr, "/metrics").await;
+    assert!(metrics.contains("trstream_records_consumed_total"), "{metrics}");
+    assert!(metrics.contains("trstream_flush_duration_seconds_bucket"));
+    assert!(http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    pipeline.shutdown().await;
+
+    // Same group, same lake: the second instance starts at the committed offsets.
+    let pipeline = trstream::start(h.config(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(4_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    h.assert_exactly_once(GROUP, true);
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
