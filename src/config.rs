@@ -59,8 +59,13 @@ pub struct KafkaConfig {
     /// Group session timeout; a revoked partition must drain well within it.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
-    /// Upper bound on librdkafka's prefetch queue per partition, in KiB (part of the I4 bound).
+    /// Upper bound on librdkafka's prefetch queue (all partitions together), in KiB; part of the
+    /// I4 memory bound.
     pub fetch_queue_kbytes: u64,
+    /// How long librdkafka waits before fetching again once the prefetch queue is full.
+    /// librdkafka's own default (1s) stalls a busy consumer; keep it short.
+    #[serde(with = "humantime_serde")]
+    pub fetch_queue_backoff: Duration,
     /// Bound on a single Kafka admin/commit/metadata request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -77,7 +82,8 @@ impl Default for KafkaConfig {
             group_id: "trstream".into(),
             auto_offset_reset: "earliest".into(),
             session_timeout: Duration::from_secs(45),
-            fetch_queue_kbytes: 8 * 1024,
+            fetch_queue_kbytes: 16 * 1024,
+            fetch_queue_backoff: Duration::from_millis(10),
             request_timeout: Duration::from_secs(10),
             properties: BTreeMap::new(),
         }
@@ -276,6 +282,9 @@ pub struct Sources {
     pub overrides: Vec<String>,
 }
 
+/// `TRSTREAM_` variables that are not configuration keys.
+const NOT_CONFIG_ENV: [&str; 1] = ["TRSTREAM_LOG"];
+
 const SECTIONS: [&str; 10] = [
     "kafka", "s3", "flush", "memory", "upload", "parquet", "validation", "shutdown", "supervision",
     "http",
@@ -322,15 +331,15 @@ impl Config {
         };
         for (name, value) in &sources.env {
             let Some(rest) = name.strip_prefix("TRSTREAM_") else { continue };
+            if NOT_CONFIG_ENV.contains(&name.as_str()) {
+                continue;
+            }
             // Sections carry no underscore, so the first one separates section from key;
             // `kafka.properties` entries are spelled TRSTREAM_KAFKA_PROPERTIES__fetch.wait.max.ms.
             let lower = rest.to_ascii_lowercase();
             let Some((section, key)) = lower.split_once('_') else {
                 return Err(ConfigError::new(name.clone(), "expected TRSTREAM_<SECTION>_<KEY>"));
             };
-            if section == "log" {
-                continue; // TRSTREAM_LOG is the log filter, not configuration.
-            }
             let path = match key.split_once("__") {
                 Some(("properties", prop)) => {
                     let prop = rest.splitn(2, "__").nth(1).unwrap_or(prop);
@@ -528,7 +537,12 @@ mod tests {
     fn file_then_env_then_flags() {
         let c = load_str(
             "[flush]\nmax_rows = 10\nmax_age = \"2s\"\n[kafka]\nbrokers = \"a:1\"\n",
-            &[("TRSTREAM_FLUSH_MAX_ROWS", "20"), ("TRSTREAM_KAFKA_BROKERS", "b:2"), ("HOME", "/x")],
+            &[
+                ("TRSTREAM_FLUSH_MAX_ROWS", "20"),
+                ("TRSTREAM_KAFKA_BROKERS", "b:2"),
+                ("HOME", "/x"),
+                ("TRSTREAM_LOG", "debug"),
+            ],
             &["flush.max_rows=30"],
         )
         .unwrap();

@@ -44,7 +44,13 @@ pub enum DriverCmd {
 }
 
 enum Slot {
-    Ready { worker: ActorRef<PartitionWorkerMsg>, budget: Arc<PartitionBudget>, paused: bool },
+    Ready {
+        worker: ActorRef<PartitionWorkerMsg>,
+        budget: Arc<PartitionBudget>,
+        paused: bool,
+        /// An early flush was requested and has not yet brought the budget down.
+        flush_asked: bool,
+    },
     /// Paused, waiting for the recovery scan and a new worker.
     Recovering { next_try: Instant, backoff: Duration, seek: bool },
 }
@@ -115,7 +121,7 @@ impl DriverContext {
         for &p in &parts {
             let start = match self.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())) {
                 Ok((start, worker, budget)) => {
-                    self.state.lock().unwrap().slots.insert(p, Slot::Ready { worker, budget, paused: false });
+                    self.state.lock().unwrap().slots.insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
                     start
                 }
                 Err(e) => {
@@ -169,14 +175,23 @@ impl DriverContext {
         });
         match res {
             Ok(Ok(committed)) => {
-                tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained")
+                tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained");
+                let _ = self.rt.block_on(async {
+                    worker.stop_and_wait(Some("drained".into()), Some(Duration::from_secs(5))).await
+                });
             }
-            Ok(Err(e)) => tracing::warn!(partition = p, error = %e, "drain failed; uncommitted records will be re-read"),
-            Err(e) => tracing::warn!(partition = p, error = %e, "drain timed out; uncommitted records will be re-read"),
+            other => {
+                // Still retrying an upload, say: abort it. Nothing past the last commit is lost;
+                // the next owner re-reads it and the recovery scan adopts what was uploaded.
+                let why = match other {
+                    Ok(Err(e)) => e,
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                tracing::warn!(partition = p, error = %why, "drain did not complete; uncommitted records will be re-read");
+                let _ = self.rt.block_on(async { worker.kill_and_wait(Some(Duration::from_secs(5))).await });
+            }
         }
-        let _ = self.rt.block_on(async {
-            worker.stop_and_wait(Some("drained".into()), Some(Duration::from_secs(5))).await
-        });
     }
 
     fn tpl(&self, parts: &[i32]) -> TopicPartitionList {
@@ -246,6 +261,8 @@ impl DriverContext {
 pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
     let dc = consumer.context();
     let mut last_gauge = Instant::now();
+    let mut pressure_since: Option<Instant> = None;
+    let mut holding = false;
     loop {
         // Commands first: a dead worker's partition must stop being routed to at once.
         loop {
@@ -260,6 +277,13 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
 
         let mut routed = 0;
         let mut timeout = Duration::from_millis(100);
+        if holding {
+            // Over the total cap: flushes are under way; librdkafka's prefetch bound holds
+            // memory meanwhile. Not polling is cheaper than pause/resume, whose resume waits up to
+            // a second for librdkafka's broker thread to fetch again.
+            std::thread::sleep(Duration::from_millis(2));
+            routed = MAX_BATCH;
+        }
         while routed < MAX_BATCH {
             match consumer.poll(timeout) {
                 Some(Ok(msg)) => {
@@ -278,7 +302,7 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
             timeout = Duration::ZERO;
         }
         dispatch(dc);
-        back_pressure(&consumer);
+        holding = back_pressure(&consumer, &mut pressure_since);
         retry_recoveries(&consumer);
         if last_gauge.elapsed() >= Duration::from_secs(1) {
             last_gauge = Instant::now();
@@ -299,30 +323,72 @@ fn dispatch(dc: &DriverContext) {
     }
     let total = dc.ctx.total_buffered.load(Ordering::Relaxed) as u64;
     dc.ctx.stats.max_buffered_bytes.fetch_max(total, Ordering::Relaxed);
+    dc.ctx.stats.buffered_bytes.store(total, Ordering::Relaxed);
 }
 
-/// I4: pause over the cap, resume below half of it.
-fn back_pressure(consumer: &Consumer) {
+/// How long the total may stay over its cap, with polling held, before partitions are paused.
+const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+
+/// I4: bound memory, and never wait on `max_age` for it. Returns whether to hold off polling.
+///
+/// - A partition whose budget passes `partition_max_buffered_bytes` is paused.
+/// - When the total passes `total_max_buffered_bytes`, the largest buffers are asked to flush
+///   early (trigger `memory`) until what remains is under half the cap, and polling is held
+///   (librdkafka's prefetch, `kafka.fetch_queue_kbytes`, is bounded on its own). Otherwise many
+///   partitions each below its own flush size could sit at the cap until `flush.max_age`.
+/// - If the total stays over the cap for [`HOLD_BEFORE_PAUSE`] (flushes cannot complete: S3 is
+///   down), every partition is paused, so polling — and rebalances — go on.
+/// - A paused partition resumes once it and the total are under half their caps.
+fn back_pressure(consumer: &Consumer, pressure_since: &mut Option<Instant>) -> bool {
     let dc = consumer.context();
     let mem = &dc.ctx.config.memory;
     let total = dc.ctx.total_buffered.load(Ordering::Relaxed);
     let over_total = total > mem.total_max_buffered_bytes;
+    if !over_total {
+        *pressure_since = None;
+    } else if pressure_since.is_none() {
+        *pressure_since = Some(Instant::now());
+    }
+    let sustained = pressure_since.is_some_and(|t| t.elapsed() >= HOLD_BEFORE_PAUSE);
     let total_low = total <= mem.total_max_buffered_bytes / 2;
+    let part_low = mem.partition_max_buffered_bytes / 2;
     let mut st = dc.state.lock().unwrap();
     let mut to_pause = Vec::new();
     let mut to_resume = Vec::new();
     let mut paused_count = 0;
+    let mut asked_bytes = 0;
+    let mut candidates: Vec<(usize, &ActorRef<PartitionWorkerMsg>, &mut bool)> = Vec::new();
     for (p, slot) in st.slots.iter_mut() {
-        if let Slot::Ready { budget, paused, .. } = slot {
+        if let Slot::Ready { budget, paused, worker, flush_asked } = slot {
             let b = budget.buffered();
-            if !*paused && (b > mem.partition_max_buffered_bytes || over_total) {
+            if *flush_asked && b <= part_low.min(mem.total_max_buffered_bytes / 8) {
+                *flush_asked = false;
+            }
+            if !*paused && (b > mem.partition_max_buffered_bytes || (over_total && sustained)) {
                 *paused = true;
                 to_pause.push(*p);
-            } else if *paused && b <= mem.partition_max_buffered_bytes / 2 && total_low {
+            } else if *paused && b <= part_low && total_low {
                 *paused = false;
                 to_resume.push(*p);
             }
             paused_count += usize::from(*paused);
+            if *flush_asked {
+                asked_bytes += b;
+            } else if b > 0 {
+                candidates.push((b, worker, flush_asked));
+            }
+        }
+    }
+    if (over_total || paused_count > 0) && !total_low {
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut remaining = total.saturating_sub(asked_bytes);
+        for (b, worker, asked) in candidates {
+            if remaining <= mem.total_max_buffered_bytes / 2 {
+                break;
+            }
+            *asked = true;
+            remaining = remaining.saturating_sub(b);
+            let _ = worker.cast(PartitionWorkerMsg::FlushNow);
         }
     }
     drop(st);
@@ -340,6 +406,7 @@ fn back_pressure(consumer: &Consumer) {
         }
     }
     metrics::gauge!(m::PARTITIONS_PAUSED).set(paused_count as f64);
+    over_total && !sustained
 }
 
 fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
@@ -394,7 +461,7 @@ fn retry_recoveries(consumer: &Consumer) {
         let mut st = dc.state.lock().unwrap();
         match res {
             Ok((worker, budget)) => {
-                st.slots.insert(p, Slot::Ready { worker, budget, paused: false });
+                st.slots.insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
                 drop(st);
                 if let Err(e) = consumer.resume(&dc.tpl(&[p])) {
                     tracing::warn!(partition = p, error = %e, "resume after recovery failed");

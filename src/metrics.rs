@@ -88,6 +88,7 @@ pub struct Stats {
     pub upload_errors: AtomicU64,
     pub restarts: AtomicU64,
     pub max_buffered_bytes: AtomicU64,
+    pub buffered_bytes: AtomicU64,
     pub pauses: AtomicU64,
     committed: Mutex<BTreeMap<i32, i64>>,
 }
@@ -101,6 +102,11 @@ impl Stats {
     /// Committed next-offsets by partition, as this instance last committed them.
     pub fn committed(&self) -> BTreeMap<i32, i64> {
         self.committed.lock().unwrap().clone()
+    }
+
+    /// Consumed-but-uncommitted bytes right now (I4), as of the driver's last routing round.
+    pub fn buffered_now(&self) -> u64 {
+        self.buffered_bytes.load(Ordering::Relaxed)
     }
 
     pub fn get(c: &AtomicU64) -> u64 {

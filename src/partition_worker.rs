@@ -67,6 +67,8 @@ pub enum PartitionWorkerMsg {
     Records(RecordChunk),
     /// Periodic check of the flush age.
     Tick,
+    /// Flush now: the total memory cap is reached and this partition holds the most (I4).
+    FlushNow,
     /// Flush, upload and commit everything buffered, then reply with the committed next offset.
     Drain(RpcReplyPort<Result<Option<i64>, String>>),
 }
@@ -112,6 +114,7 @@ enum Trigger {
     Rows,
     Bytes,
     Age,
+    Memory,
     Drain,
 }
 
@@ -121,6 +124,7 @@ impl Trigger {
             Trigger::Rows => "rows",
             Trigger::Bytes => "bytes",
             Trigger::Age => "age",
+            Trigger::Memory => "memory",
             Trigger::Drain => "drain",
         }
     }
@@ -194,6 +198,7 @@ impl Actor for PartitionWorker {
                     state.flush(Trigger::Age).await?;
                 }
             }
+            PartitionWorkerMsg::FlushNow => state.flush(Trigger::Memory).await?,
             PartitionWorkerMsg::Drain(reply) => {
                 let res = state.drain().await;
                 let answer = res.as_ref().map(|_| state.committed).map_err(|e| e.to_string());
@@ -301,7 +306,9 @@ impl PartitionWorkerState {
                 .map_err(|e| format!("parquet encoding of {name} failed: {e}"))?;
             let size = body.len();
             let key = name.key(&self.ctx.config.s3.raw_prefix);
+            let t_encoded = started.elapsed();
             let outcome = self.upload(&key, bytes::Bytes::from(body)).await?;
+            tracing::debug!(partition = p, encoded = ?t_encoded, uploaded = ?started.elapsed(), "flush phases");
             self.ctx.stats.files.fetch_add(1, Ordering::Relaxed);
             self.ctx.stats.upload_bytes.fetch_add(size as u64, Ordering::Relaxed);
             metrics::counter!(m::FILES_UPLOADED).increment(1);
@@ -311,7 +318,9 @@ impl PartitionWorkerState {
                 return Err(format!("injected fault: crash after uploading {key}, before the commit").into());
             }
         }
+        let t_commit = Instant::now();
         self.commit(w.last + 1).await?;
+        tracing::debug!(partition = p, last_offset = w.last, commit = ?t_commit.elapsed(), total = ?started.elapsed(), "committed");
         self.ctx.stats.written.fetch_add(rows as u64, Ordering::Relaxed);
         metrics::counter!(m::RECORDS_WRITTEN, "partition" => self.partition_label.clone()).increment(rows as u64);
         metrics::counter!(m::FLUSHES, "trigger" => trigger.as_str()).increment(1);

@@ -154,6 +154,7 @@ fn consumer_config(config: &Config) -> ClientConfig {
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
         .set("queued.max.messages.kbytes", k.fetch_queue_kbytes.to_string())
+        .set("fetch.queue.backoff.ms", k.fetch_queue_backoff.as_millis().to_string())
         .set("partition.assignment.strategy", "range,roundrobin");
     for (key, v) in &k.properties {
         c.set(key, v);
