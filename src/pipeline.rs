@@ -35,6 +35,8 @@ pub type Consumer = BaseConsumer<DriverContext>;
 /// worker at a chosen point and check that supervision restores the end state.
 #[derive(Debug, Default)]
 pub struct Faults {
+    /// Any fault set at all: keeps the per-record check to one relaxed load in production.
+    armed: AtomicBool,
     panic_at: Mutex<HashMap<i32, i64>>,
     crash_after_upload: Mutex<HashMap<i32, u32>>,
 }
@@ -43,14 +45,19 @@ impl Faults {
     /// The worker of `partition` panics once, on the first record at or after `offset`.
     pub fn panic_at_offset(&self, partition: i32, offset: i64) {
         self.panic_at.lock().unwrap().insert(partition, offset);
+        self.armed.store(true, Ordering::Relaxed);
     }
 
     /// The next `times` flushes of `partition` fail after the upload and before the commit.
     pub fn crash_after_upload(&self, partition: i32, times: u32) {
         self.crash_after_upload.lock().unwrap().insert(partition, times);
+        self.armed.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn should_panic(&self, partition: i32, offset: i64) -> bool {
+        if !self.armed.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut map = self.panic_at.lock().unwrap();
         match map.get(&partition) {
             Some(&at) if offset >= at => {
@@ -62,6 +69,9 @@ impl Faults {
     }
 
     pub(crate) fn take_crash_after_upload(&self, partition: i32) -> bool {
+        if !self.armed.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut map = self.crash_after_upload.lock().unwrap();
         match map.get_mut(&partition) {
             Some(n) if *n > 0 => {
