@@ -57,7 +57,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
-        .args(["bench", "--infra", "--records", &args.records.to_string(), "--partitions", &args.partitions.to_string()])
+        .args([
+            "bench",
+            "--infra",
+            "--records",
+            &args.records.to_string(),
+            "--partitions",
+            &args.partitions.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -72,7 +79,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let mut parts = ready.split_whitespace().skip(1);
-    let (bootstrap, endpoint) = (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
+    let (bootstrap, endpoint) =
+        (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
 
     // TRSTREAM_* variables apply, so a deployment's own settings can be benchmarked.
     let mut config = Config::load(&crate::config::Sources { env: std::env::vars().collect(), ..Default::default() })?;
@@ -83,7 +91,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.s3.secret_access_key = crate::embedded::SECRET_KEY.into();
     config.flush.max_rows = args.flush_rows;
     config.memory.total_max_buffered_bytes = args.total_buffer_mib * 1024 * 1024;
-    config.memory.partition_max_buffered_bytes = config.memory.partition_max_buffered_bytes.min(config.memory.total_max_buffered_bytes);
+    config.memory.partition_max_buffered_bytes =
+        config.memory.partition_max_buffered_bytes.min(config.memory.total_max_buffered_bytes);
     config.flush.max_bytes = config.flush.max_bytes.min(config.memory.partition_max_buffered_bytes);
     config.http.listen = String::new();
     config.validate()?;
@@ -154,8 +163,9 @@ async fn infra(args: BenchArgs) -> anyhow::Result<()> {
         progress: true,
     };
     let stop = AtomicBool::new(false);
-    let summary = tokio::task::block_in_place(|| crate::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())))
-        .map_err(anyhow::Error::msg)?;
+    let summary =
+        tokio::task::block_in_place(|| crate::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())))
+            .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(summary.acked == args.records, "only {} of {} records acknowledged", summary.acked, args.records);
     // The mock silently drops the oldest data past ~5 MB per partition: refuse to measure then.
     let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create()?;

@@ -158,10 +158,7 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig {
-            partition_max_buffered_bytes: 48 * 1024 * 1024,
-            total_max_buffered_bytes: 128 * 1024 * 1024,
-        }
+        MemoryConfig { partition_max_buffered_bytes: 48 * 1024 * 1024, total_max_buffered_bytes: 128 * 1024 * 1024 }
     }
 }
 
@@ -178,10 +175,7 @@ pub struct UploadConfig {
 
 impl Default for UploadConfig {
     fn default() -> Self {
-        UploadConfig {
-            retry_initial_backoff: Duration::from_millis(100),
-            retry_max_backoff: Duration::from_secs(10),
-        }
+        UploadConfig { retry_initial_backoff: Duration::from_millis(100), retry_max_backoff: Duration::from_secs(10) }
     }
 }
 
@@ -285,10 +279,8 @@ pub struct Sources {
 /// `TRSTREAM_` variables that are not configuration keys.
 const NOT_CONFIG_ENV: [&str; 1] = ["TRSTREAM_LOG"];
 
-const SECTIONS: [&str; 10] = [
-    "kafka", "s3", "flush", "memory", "upload", "parquet", "validation", "shutdown", "supervision",
-    "http",
-];
+const SECTIONS: [&str; 10] =
+    ["kafka", "s3", "flush", "memory", "upload", "parquet", "validation", "shutdown", "supervision", "http"];
 
 /// A scalar given as text (env or flag): TOML syntax where it parses (`100`, `true`, `["USD"]`),
 /// a plain string otherwise (`localhost:9092`, `30s`).
@@ -314,9 +306,7 @@ fn set_path(root: &mut toml::Table, path: &str, value: toml::Value, origin: &str
     let mut table = root;
     for p in &parts[..parts.len() - 1] {
         let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::new(origin, format!("`{p}` is not a table")))?;
+        table = entry.as_table_mut().ok_or_else(|| ConfigError::new(origin, format!("`{p}` is not a table")))?;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
@@ -342,10 +332,9 @@ impl Config {
             };
             let path = match key.split_once("__") {
                 Some(("properties", prop)) => {
-                    let prop = rest.splitn(2, "__").nth(1).unwrap_or(prop);
-                    let table = root
-                        .entry(section.to_string())
-                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    let prop = rest.split_once("__").map_or(prop, |x| x.1);
+                    let table =
+                        root.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
                     let props = table
                         .as_table_mut()
                         .ok_or_else(|| ConfigError::new(name.clone(), "not a table"))?
@@ -362,9 +351,8 @@ impl Config {
             set_path(&mut root, &path, parse_scalar(value), name)?;
         }
         for o in &sources.overrides {
-            let (path, value) = o
-                .split_once('=')
-                .ok_or_else(|| ConfigError::new(o.clone(), "expected --set section.key=value"))?;
+            let (path, value) =
+                o.split_once('=').ok_or_else(|| ConfigError::new(o.clone(), "expected --set section.key=value"))?;
             set_path(&mut root, path.trim(), parse_scalar(value.trim()), path.trim())?;
         }
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
@@ -448,19 +436,13 @@ impl Config {
             return err("validation.max_record_bytes", "must be greater than 0".into());
         }
         if self.validation.max_record_bytes > self.memory.partition_max_buffered_bytes {
-            return err(
-                "validation.max_record_bytes",
-                "exceeds memory.partition_max_buffered_bytes".into(),
-            );
+            return err("validation.max_record_bytes", "exceeds memory.partition_max_buffered_bytes".into());
         }
         if self.validation.currencies.is_empty() {
             return err("validation.currencies", "must list at least one currency".into());
         }
-        if let Some(c) = self
-            .validation
-            .currencies
-            .iter()
-            .find(|c| c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+        if let Some(c) =
+            self.validation.currencies.iter().find(|c| c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()))
         {
             return err("validation.currencies", format!("{c:?} is not an ISO 4217 alpha-3 code"));
         }
@@ -596,7 +578,10 @@ mod tests {
     fn inconsistent_values_are_named() {
         let cases: &[(&str, &str)] = &[
             ("[shutdown]\ndrain_timeout = \"60s\"\n[kafka]\nsession_timeout = \"30s\"", "shutdown.drain_timeout"),
-            ("[memory]\npartition_max_buffered_bytes = 200\ntotal_max_buffered_bytes = 100", "memory.partition_max_buffered_bytes"),
+            (
+                "[memory]\npartition_max_buffered_bytes = 200\ntotal_max_buffered_bytes = 100",
+                "memory.partition_max_buffered_bytes",
+            ),
             ("[flush]\nmax_bytes = 100000000", "flush.max_bytes"),
             ("[flush]\nmax_rows = 0", "flush.max_rows"),
             ("[flush]\nmax_age = \"0s\"", "flush.max_age"),

@@ -61,6 +61,14 @@ struct DriverState {
     pending: HashMap<i32, RecordChunk>,
 }
 
+/// A partition made ready by the recovery scan.
+struct Recovered {
+    /// Where to read from (`None`: nothing committed nor uploaded; the reset policy decides).
+    start: Option<i64>,
+    worker: ActorRef<PartitionWorkerMsg>,
+    budget: Arc<PartitionBudget>,
+}
+
 /// The consumer's context: the driver's state, reachable from rebalance callbacks.
 pub struct DriverContext {
     ctx: Arc<PipelineCtx>,
@@ -120,13 +128,18 @@ impl DriverContext {
         let mut not_ready = Vec::new();
         for &p in &parts {
             let start = match self.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())) {
-                Ok((start, worker, budget)) => {
-                    self.state.lock().unwrap().slots.insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
+                Ok(Recovered { start, worker, budget }) => {
+                    self.state
+                        .lock()
+                        .unwrap()
+                        .slots
+                        .insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
                     start
                 }
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "recovery scan failed at assignment; partition paused until it succeeds");
-                    let slot = Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(200), seek: true };
+                    let slot =
+                        Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(200), seek: true };
                     self.state.lock().unwrap().slots.insert(p, slot);
                     not_ready.push(p);
                     None
@@ -170,9 +183,8 @@ impl DriverContext {
 
     fn drain_and_stop(&self, p: i32, worker: &ActorRef<PartitionWorkerMsg>, timeout: Duration) {
         let started = Instant::now();
-        let res = self.rt.block_on(async {
-            ractor::call_t!(worker, PartitionWorkerMsg::Drain, timeout.as_millis() as u64)
-        });
+        let res =
+            self.rt.block_on(async { ractor::call_t!(worker, PartitionWorkerMsg::Drain, timeout.as_millis() as u64) });
         match res {
             Ok(Ok(committed)) => {
                 tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained");
@@ -216,11 +228,7 @@ impl DriverContext {
 
     /// The recovery scan of I2 and the spawn of a fresh worker. Returns the offset the partition
     /// must be read from (`None`: nothing committed and nothing uploaded; use the reset policy).
-    fn recover(
-        &self,
-        p: i32,
-        committed: Result<Option<i64>, &String>,
-    ) -> Result<(Option<i64>, ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>), String> {
+    fn recover(&self, p: i32, committed: Result<Option<i64>, &String>) -> Result<Recovered, String> {
         let committed = committed.map_err(Clone::clone)?;
         let cfg = &self.ctx.config;
         let latest: Option<RawFileName> = self
@@ -233,11 +241,7 @@ impl DriverContext {
         self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
         let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
         let start = adopted.as_ref().map(|f| f.last_offset + 1).or(committed);
-        let consumer = self
-            .consumer
-            .get()
-            .and_then(Weak::upgrade)
-            .ok_or_else(|| "consumer is gone".to_string())?;
+        let consumer = self.consumer.get().and_then(Weak::upgrade).ok_or_else(|| "consumer is gone".to_string())?;
         let budget = Arc::new(PartitionBudget::new(self.ctx.clone()));
         let args = PartitionWorkerArgs {
             partition: p,
@@ -253,7 +257,7 @@ impl DriverContext {
             .block_on(Actor::spawn_linked(Some(name), PartitionWorker, args, self.supervisor.clone()))
             .map_err(|e| format!("spawning the worker of partition {p}: {e}"))?;
         tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
-        Ok((start, worker, budget))
+        Ok(Recovered { start, worker, budget })
     }
 }
 
@@ -380,7 +384,7 @@ fn back_pressure(consumer: &Consumer, pressure_since: &mut Option<Instant>) -> b
         }
     }
     if (over_total || paused_count > 0) && !total_low {
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut remaining = total.saturating_sub(asked_bytes);
         for (b, worker, asked) in candidates {
             if remaining <= mem.total_max_buffered_bytes / 2 {
@@ -437,27 +441,31 @@ fn retry_recoveries(consumer: &Consumer) {
         st.slots
             .iter()
             .filter_map(|(p, s)| match s {
-                Slot::Recovering { next_try, backoff, seek } if *next_try <= Instant::now() => Some((*p, *backoff, *seek)),
+                Slot::Recovering { next_try, backoff, seek } if *next_try <= Instant::now() => {
+                    Some((*p, *backoff, *seek))
+                }
                 _ => None,
             })
             .collect()
     };
     for (p, backoff, seek) in due {
         let committed = dc.committed(consumer, &[p]);
-        let res = dc.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())).and_then(|(start, worker, budget)| {
-            if seek {
-                let target = match start {
-                    Some(o) => Offset::Offset(o),
-                    None if dc.ctx.config.kafka.auto_offset_reset == "latest" => Offset::End,
-                    None => Offset::Beginning,
-                };
-                if let Err(e) = consumer.seek(dc.topic(), p, target, dc.ctx.config.kafka.request_timeout) {
-                    worker.kill();
-                    return Err(format!("seek of partition {p} to {target:?} failed: {e}"));
+        let res = dc.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())).and_then(
+            |Recovered { start, worker, budget }| {
+                if seek {
+                    let target = match start {
+                        Some(o) => Offset::Offset(o),
+                        None if dc.ctx.config.kafka.auto_offset_reset == "latest" => Offset::End,
+                        None => Offset::Beginning,
+                    };
+                    if let Err(e) = consumer.seek(dc.topic(), p, target, dc.ctx.config.kafka.request_timeout) {
+                        worker.kill();
+                        return Err(format!("seek of partition {p} to {target:?} failed: {e}"));
+                    }
                 }
-            }
-            Ok((worker, budget))
-        });
+                Ok((worker, budget))
+            },
+        );
         let mut st = dc.state.lock().unwrap();
         match res {
             Ok((worker, budget)) => {
@@ -516,7 +524,9 @@ fn shutdown(consumer: &Arc<Consumer>, deadline: Instant) {
             match r {
                 Ok((p, Ok(Ok(c)))) => tracing::info!(partition = p, committed = ?c, "partition drained"),
                 Ok((p, Ok(Err(e)))) => tracing::warn!(partition = p, error = %e, "drain failed"),
-                Ok((p, Err(e))) => tracing::warn!(partition = p, error = %e, "drain did not finish before the deadline"),
+                Ok((p, Err(e))) => {
+                    tracing::warn!(partition = p, error = %e, "drain did not finish before the deadline")
+                }
                 Err(e) => tracing::warn!(error = %e, "drain task failed"),
             }
         }

@@ -66,7 +66,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.lake)?;
     let config_base = Config::default();
-    let kafka = EmbeddedKafka::start(1, &[(&config_base.kafka.topic, args.partitions), (&config_base.kafka.dlq_topic, 1)])?;
+    let kafka =
+        EmbeddedKafka::start(1, &[(&config_base.kafka.topic, args.partitions), (&config_base.kafka.dlq_topic, 1)])?;
     let s3 = EmbeddedS3::start(&args.lake, 0, &["raw-data"]).await?;
     eprintln!("embedded Kafka at {}, S3 (s3s-fs over {}) at {}", kafka.bootstrap, s3.root.display(), s3.endpoint);
 
@@ -91,7 +92,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         count: None,
         rate: Some(args.rate),
         duration: Some(args.duration),
-        generator: GenOptions { invalid_ratio: args.invalid_ratio, oversize_bytes: oversize, seed: rand_seed(), ..Default::default() },
+        generator: GenOptions {
+            invalid_ratio: args.invalid_ratio,
+            oversize_bytes: oversize,
+            seed: rand_seed(),
+            ..Default::default()
+        },
         properties: Vec::new(),
         progress: false,
     };

@@ -54,7 +54,8 @@ impl EmbeddedS3 {
             std::fs::create_dir_all(root.join(b))?;
         }
         let root = std::fs::canonicalize(root)?;
-        let fs = s3s_fs::FileSystem::new(&root).map_err(|e| std::io::Error::other(format!("s3s-fs over {}: {e:?}", root.display())))?;
+        let fs = s3s_fs::FileSystem::new(&root)
+            .map_err(|e| std::io::Error::other(format!("s3s-fs over {}: {e:?}", root.display())))?;
         let service = {
             let mut b = S3ServiceBuilder::new(fs);
             b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));

@@ -157,7 +157,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -198,7 +199,8 @@ fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc_flag(s);
-    let summary = trstream::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())).map_err(anyhow::Error::msg)?;
+    let summary =
+        trstream::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())).map_err(anyhow::Error::msg)?;
     eprintln!(
         "done: {} records in {:.1?} ({:.0}/s), {} acknowledged, {} failed, {} invalid by design",
         summary.sent,

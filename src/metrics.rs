@@ -181,10 +181,7 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
             if consuming && s3 {
                 text(StatusCode::OK, "ready\n".into())
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: consuming={consuming} s3_reachable={s3}\n"),
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: consuming={consuming} s3_reachable={s3}\n"))
             }
         }
         _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),

@@ -255,7 +255,8 @@ impl PartitionWorkerState {
                     self.dlq_pending.push((dl, fut));
                 }
             }
-            let w = self.window.get_or_insert(Window { first: e.offset, last: e.offset, opened: Instant::now(), bytes: 0 });
+            let w =
+                self.window.get_or_insert(Window { first: e.offset, last: e.offset, opened: Instant::now(), bytes: 0 });
             w.last = e.offset;
             self.next_offset = Some(e.offset + 1);
         }
@@ -313,7 +314,16 @@ impl PartitionWorkerState {
             self.ctx.stats.upload_bytes.fetch_add(size as u64, Ordering::Relaxed);
             metrics::counter!(m::FILES_UPLOADED).increment(1);
             metrics::counter!(m::UPLOAD_BYTES).increment(size as u64);
-            tracing::debug!(partition = p, first_offset = w.first, last_offset = w.last, rows, bytes = size, ?outcome, trigger = trigger.as_str(), "uploaded raw file");
+            tracing::debug!(
+                partition = p,
+                first_offset = w.first,
+                last_offset = w.last,
+                rows,
+                bytes = size,
+                ?outcome,
+                trigger = trigger.as_str(),
+                "uploaded raw file"
+            );
             if self.ctx.faults.take_crash_after_upload(p) {
                 return Err(format!("injected fault: crash after uploading {key}, before the commit").into());
             }

@@ -204,7 +204,11 @@ impl Actor for IngestSupervisor {
     type State = IngestState;
     type Arguments = Arc<PipelineCtx>;
 
-    async fn pre_start(&self, myself: ActorRef<IngestMsg>, ctx: Arc<PipelineCtx>) -> Result<IngestState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        ctx: Arc<PipelineCtx>,
+    ) -> Result<IngestState, ActorProcessingErr> {
         let dc = DriverContext::new(ctx.clone(), tokio::runtime::Handle::current(), myself.get_cell());
         let consumer: Consumer = consumer_config(&ctx.config)
             .create_with_context(dc)
@@ -224,7 +228,10 @@ impl Actor for IngestSupervisor {
                     Ok(()) => "stopped".to_string(),
                     Err(p) => format!(
                         "panicked: {}",
-                        p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied()).unwrap_or("?")
+                        p.downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or(p.downcast_ref::<&str>().copied())
+                            .unwrap_or("?")
                     ),
                 };
                 let _ = me.cast(IngestMsg::DriverExited(why));
@@ -233,7 +240,12 @@ impl Actor for IngestSupervisor {
         Ok(IngestState { ctx, cmds: tx, thread: Some(thread), restarts: HashMap::new() })
     }
 
-    async fn handle(&self, myself: ActorRef<IngestMsg>, msg: IngestMsg, state: &mut IngestState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        msg: IngestMsg,
+        state: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             IngestMsg::DriverExited(why) => {
                 if state.thread.is_some() {
@@ -321,7 +333,12 @@ impl RootActor {
         }
     }
 
-    fn child_down(&self, myself: &ActorRef<RootMsg>, state: &mut RootState, why: String) -> Result<(), ActorProcessingErr> {
+    fn child_down(
+        &self,
+        myself: &ActorRef<RootMsg>,
+        state: &mut RootState,
+        why: String,
+    ) -> Result<(), ActorProcessingErr> {
         state.ingest = None;
         if state.shutting_down {
             return Ok(());
@@ -352,7 +369,11 @@ impl Actor for RootActor {
     type State = RootState;
     type Arguments = Arc<PipelineCtx>;
 
-    async fn pre_start(&self, myself: ActorRef<RootMsg>, ctx: Arc<PipelineCtx>) -> Result<RootState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        ctx: Arc<PipelineCtx>,
+    ) -> Result<RootState, ActorProcessingErr> {
         ctx.health.alive.store(true, Ordering::Relaxed);
         let mut state = RootState { ctx, ingest: None, generation: 0, restarts: VecDeque::new(), shutting_down: false };
         let me = myself.clone();
@@ -360,7 +381,12 @@ impl Actor for RootActor {
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<RootMsg>, msg: RootMsg, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<RootMsg>,
+        msg: RootMsg,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::StartIngest => {
                 if !state.shutting_down && state.ingest.is_none() {
@@ -382,7 +408,12 @@ impl Actor for RootActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<RootMsg>, evt: SupervisionEvent, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RootMsg>,
+        evt: SupervisionEvent,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         let current = state.ingest.as_ref().map(|r| r.get_id());
         match evt {
             SupervisionEvent::ActorTerminated(cell, _, reason) if Some(cell.get_id()) == current => {

@@ -89,7 +89,10 @@ impl GenOptions {
         {
             return Err(format!("--transaction-type {t:?} is not one of {}", TRANSACTION_TYPES.join(", ")));
         }
-        if self.amount_min_cents < 1 || self.amount_min_cents > self.amount_max_cents || self.amount_max_cents > crate::record::MAX_AMOUNT_CENTS {
+        if self.amount_min_cents < 1
+            || self.amount_min_cents > self.amount_max_cents
+            || self.amount_max_cents > crate::record::MAX_AMOUNT_CENTS
+        {
             return Err(format!(
                 "--amount-min/--amount-max must satisfy 0.01 <= min <= max <= 1000000000.00 (got {} and {})",
                 crate::record::format_cents(self.amount_min_cents),
@@ -168,7 +171,8 @@ impl Generator {
             r#""country":"{country}","city":"{city}","channel":"{}","status":"{}","event_time":"{}"}}"#,
             CHANNELS[r.random_range(0..CHANNELS.len())],
             STATUSES[r.random_range(0..STATUSES.len())],
-            (now - chrono::Duration::milliseconds(r.random_range(0..60_000))).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            (now - chrono::Duration::milliseconds(r.random_range(0..60_000)))
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         );
         s
     }
@@ -188,7 +192,7 @@ impl Generator {
         Generated { key, payload: json.into_bytes(), expect: Expect::Valid(id) }
     }
 
-    pub fn next(&mut self) -> Generated {
+    pub fn next_record(&mut self) -> Generated {
         self.next_at(chrono::Utc::now())
     }
 
@@ -282,7 +286,11 @@ pub struct ProduceSummary {
 }
 
 /// Produces until `count`, `duration` or `stop`; blocking (run it on its own thread).
-pub fn produce(opts: &ProduceOptions, stop: &AtomicBool, progress: Arc<ProduceProgress>) -> Result<ProduceSummary, String> {
+pub fn produce(
+    opts: &ProduceOptions,
+    stop: &AtomicBool,
+    progress: Arc<ProduceProgress>,
+) -> Result<ProduceSummary, String> {
     opts.generator.validate()?;
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &opts.brokers)
@@ -314,7 +322,7 @@ pub fn produce(opts: &ProduceOptions, stop: &AtomicBool, progress: Arc<ProducePr
                 continue;
             }
         }
-        let g = generator.next();
+        let g = generator.next_record();
         if matches!(g.expect, Expect::Invalid(_)) {
             progress.invalid.fetch_add(1, Ordering::Relaxed);
         }
@@ -374,8 +382,8 @@ mod tests {
     #[test]
     fn generated_records_validate_as_expected_for_every_class() {
         let mut g = Generator::new(GenOptions { invalid_ratio: 0.3, oversize_bytes: 2048, ..Default::default() });
-        let mut v = Validator::default();
-        v.max_record_bytes = 2047;
+        let d = Validator::default();
+        let v = Validator::new(d.currencies().to_vec(), 2047, d.max_future_skew, d.max_event_age);
         let now = chrono::Utc::now();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3000 {
@@ -409,7 +417,7 @@ mod tests {
         let v = Validator::default();
         let mut keys = std::collections::HashSet::new();
         for _ in 0..500 {
-            let r = g.next();
+            let r = g.next_record();
             let t = v.validate(Some(&r.payload), chrono::Utc::now().timestamp_micros()).unwrap();
             assert_eq!(t.transaction_type, "REFUND");
             assert_eq!(t.currency, "JPY");
@@ -430,7 +438,9 @@ mod tests {
             GenOptions { amount_min_cents: 0, ..Default::default() },
             GenOptions { invalid_ratio: 1.5, ..Default::default() },
         ];
-        for (o, flag) in bad.iter().zip(["--transaction-type", "--currency", "--country", "--amount", "--invalid-ratio"]) {
+        for (o, flag) in
+            bad.iter().zip(["--transaction-type", "--currency", "--country", "--amount", "--invalid-ratio"])
+        {
             assert!(o.validate().unwrap_err().contains(flag), "{flag}");
         }
     }

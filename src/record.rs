@@ -19,37 +19,32 @@ pub const MAX_AMOUNT_CENTS: i64 = 100_000_000_000;
 pub const ID_MIN_CHARS: usize = 1;
 pub const ID_MAX_CHARS: usize = 64;
 
-pub const TRANSACTION_TYPES: [&str; 6] =
-    ["CREDIT", "DEBIT", "TRANSFER", "PAYMENT", "WITHDRAWAL", "REFUND"];
+pub const TRANSACTION_TYPES: [&str; 6] = ["CREDIT", "DEBIT", "TRANSFER", "PAYMENT", "WITHDRAWAL", "REFUND"];
 pub const CHANNELS: [&str; 5] = ["ONLINE", "POS", "ATM", "MOBILE", "BRANCH"];
 pub const STATUSES: [&str; 3] = ["APPROVED", "DECLINED", "PENDING"];
 
 /// The default ISO 4217 allow-list (`validation.currencies` replaces it).
 pub const DEFAULT_CURRENCIES: [&str; 32] = [
-    "AED", "AUD", "BGN", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "HUF",
-    "IDR", "ILS", "INR", "JPY", "KRW", "MXN", "MYR", "NOK", "NZD", "PHP", "PLN", "RON", "SAR",
-    "SEK", "SGD", "THB", "TRY", "USD", "ZAR",
+    "AED", "AUD", "BGN", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "HUF", "IDR", "ILS", "INR",
+    "JPY", "KRW", "MXN", "MYR", "NOK", "NZD", "PHP", "PLN", "RON", "SAR", "SEK", "SGD", "THB", "TRY", "USD", "ZAR",
 ];
 
 /// ISO 3166-1 alpha-2 officially assigned codes, sorted (binary-searched).
 pub const COUNTRIES: [&str; 249] = [
-    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX",
-    "AZ", "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ",
-    "BR", "BS", "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK",
-    "CL", "CM", "CN", "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE", "DJ", "DK", "DM",
-    "DO", "DZ", "EC", "EE", "EG", "EH", "ER", "ES", "ET", "FI", "FJ", "FK", "FM", "FO", "FR",
-    "GA", "GB", "GD", "GE", "GF", "GG", "GH", "GI", "GL", "GM", "GN", "GP", "GQ", "GR", "GS",
-    "GT", "GU", "GW", "GY", "HK", "HM", "HN", "HR", "HT", "HU", "ID", "IE", "IL", "IM", "IN",
-    "IO", "IQ", "IR", "IS", "IT", "JE", "JM", "JO", "JP", "KE", "KG", "KH", "KI", "KM", "KN",
-    "KP", "KR", "KW", "KY", "KZ", "LA", "LB", "LC", "LI", "LK", "LR", "LS", "LT", "LU", "LV",
-    "LY", "MA", "MC", "MD", "ME", "MF", "MG", "MH", "MK", "ML", "MM", "MN", "MO", "MP", "MQ",
-    "MR", "MS", "MT", "MU", "MV", "MW", "MX", "MY", "MZ", "NA", "NC", "NE", "NF", "NG", "NI",
-    "NL", "NO", "NP", "NR", "NU", "NZ", "OM", "PA", "PE", "PF", "PG", "PH", "PK", "PL", "PM",
-    "PN", "PR", "PS", "PT", "PW", "PY", "QA", "RE", "RO", "RS", "RU", "RW", "SA", "SB", "SC",
-    "SD", "SE", "SG", "SH", "SI", "SJ", "SK", "SL", "SM", "SN", "SO", "SR", "SS", "ST", "SV",
-    "SX", "SY", "SZ", "TC", "TD", "TF", "TG", "TH", "TJ", "TK", "TL", "TM", "TN", "TO", "TR",
-    "TT", "TV", "TW", "TZ", "UA", "UG", "UM", "US", "UY", "UZ", "VA", "VC", "VE", "VG", "VI",
-    "VN", "VU", "WF", "WS", "YE", "YT", "ZA", "ZM", "ZW",
+    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ", "BA", "BB", "BD",
+    "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS", "BT", "BV", "BW", "BY", "BZ", "CA",
+    "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN", "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE",
+    "DJ", "DK", "DM", "DO", "DZ", "EC", "EE", "EG", "EH", "ER", "ES", "ET", "FI", "FJ", "FK", "FM", "FO", "FR", "GA",
+    "GB", "GD", "GE", "GF", "GG", "GH", "GI", "GL", "GM", "GN", "GP", "GQ", "GR", "GS", "GT", "GU", "GW", "GY", "HK",
+    "HM", "HN", "HR", "HT", "HU", "ID", "IE", "IL", "IM", "IN", "IO", "IQ", "IR", "IS", "IT", "JE", "JM", "JO", "JP",
+    "KE", "KG", "KH", "KI", "KM", "KN", "KP", "KR", "KW", "KY", "KZ", "LA", "LB", "LC", "LI", "LK", "LR", "LS", "LT",
+    "LU", "LV", "LY", "MA", "MC", "MD", "ME", "MF", "MG", "MH", "MK", "ML", "MM", "MN", "MO", "MP", "MQ", "MR", "MS",
+    "MT", "MU", "MV", "MW", "MX", "MY", "MZ", "NA", "NC", "NE", "NF", "NG", "NI", "NL", "NO", "NP", "NR", "NU", "NZ",
+    "OM", "PA", "PE", "PF", "PG", "PH", "PK", "PL", "PM", "PN", "PR", "PS", "PT", "PW", "PY", "QA", "RE", "RO", "RS",
+    "RU", "RW", "SA", "SB", "SC", "SD", "SE", "SG", "SH", "SI", "SJ", "SK", "SL", "SM", "SN", "SO", "SR", "SS", "ST",
+    "SV", "SX", "SY", "SZ", "TC", "TD", "TF", "TG", "TH", "TJ", "TK", "TL", "TM", "TN", "TO", "TR", "TT", "TV", "TW",
+    "TZ", "UA", "UG", "UM", "US", "UY", "UZ", "VA", "VC", "VE", "VG", "VI", "VN", "VU", "WF", "WS", "YE", "YT", "ZA",
+    "ZM", "ZW",
 ];
 
 /// Why a record was dead-lettered. The string form is the `reason` header and metric label.
@@ -258,10 +253,7 @@ fn check_len(field: &'static str, s: &str) -> Result<(), Rejection> {
 
 fn one_of(field: &'static str, s: &str, allowed: &[&'static str]) -> Result<&'static str, Rejection> {
     allowed.iter().copied().find(|a| *a == s).ok_or_else(|| {
-        Rejection::new(
-            RejectReason::InvalidEnum,
-            format!("`{field}` is {s:?}, expected one of {}", allowed.join(", ")),
-        )
+        Rejection::new(RejectReason::InvalidEnum, format!("`{field}` is {s:?}, expected one of {}", allowed.join(", ")))
     })
 }
 
@@ -315,9 +307,8 @@ fn parse_amount(raw: &RawValue) -> Result<i64, Rejection> {
     let text = raw.get();
     match text.as_bytes().first() {
         Some(b'"') => {
-            let s: BorrowStr = serde_json::from_str(text).map_err(|e| {
-                Rejection::new(RejectReason::InvalidType, format!("`amount`: {e}"))
-            })?;
+            let s: BorrowStr = serde_json::from_str(text)
+                .map_err(|e| Rejection::new(RejectReason::InvalidType, format!("`amount`: {e}")))?;
             parse_amount_cents(&s.0)
         }
         Some(b'-' | b'0'..=b'9') => parse_amount_cents(text),
@@ -362,9 +353,8 @@ impl Validator {
                 format!("payload is {} bytes, limit is {}", bytes.len(), self.max_record_bytes),
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            Rejection::new(RejectReason::NotUtf8, format!("payload is not UTF-8: {e}"))
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Rejection::new(RejectReason::NotUtf8, format!("payload is not UTF-8: {e}")))?;
         let wire: Wire = serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
 
         let transaction_id = required("transaction_id", wire.transaction_id)?;
@@ -378,14 +368,11 @@ impl Validator {
         check_len("user_id", &user_id)?;
         let account_id = required("account_id", wire.account_id)?;
         check_len("account_id", &account_id)?;
-        let transaction_type = one_of(
-            "transaction_type",
-            &required("transaction_type", wire.transaction_type)?,
-            &TRANSACTION_TYPES,
-        )?;
-        let amount = wire.amount.ok_or_else(|| {
-            Rejection::new(RejectReason::MissingField, "required field `amount` is missing or null")
-        })?;
+        let transaction_type =
+            one_of("transaction_type", &required("transaction_type", wire.transaction_type)?, &TRANSACTION_TYPES)?;
+        let amount = wire
+            .amount
+            .ok_or_else(|| Rejection::new(RejectReason::MissingField, "required field `amount` is missing or null"))?;
         let amount_cents = parse_amount(amount)?;
         let currency = required("currency", wire.currency)?;
         if self.currencies.binary_search_by(|c| c.as_str().cmp(&currency)).is_err() {
@@ -426,7 +413,10 @@ impl Validator {
         if event_time_us > now_us.saturating_add(skew) {
             return Err(Rejection::new(
                 RejectReason::EventTimeOutOfRange,
-                format!("`event_time` {event_time} is more than {} in the future", humantime::format_duration(self.max_future_skew)),
+                format!(
+                    "`event_time` {event_time} is more than {} in the future",
+                    humantime::format_duration(self.max_future_skew)
+                ),
             ));
         }
         if event_time_us < now_us.saturating_sub(age) {
@@ -554,8 +544,7 @@ mod tests {
     #[test]
     fn oversized_boundary() {
         let bytes = serde_json::to_vec(&good()).unwrap();
-        let mut v = Validator::default();
-        v.max_record_bytes = bytes.len();
+        let mut v = Validator { max_record_bytes: bytes.len(), ..Default::default() };
         assert!(v.validate(Some(&bytes), NOW_US).is_ok(), "exactly at the limit passes");
         v.max_record_bytes = bytes.len() - 1;
         assert_eq!(v.validate(Some(&bytes), NOW_US).unwrap_err().reason, RejectReason::Oversized);
@@ -571,10 +560,7 @@ mod tests {
     fn malformed_json() {
         for bad in ["{", "not json", "[1,2]", "{\"transaction_id\": }"] {
             let r = Validator::default().validate(Some(bad.as_bytes()), NOW_US).unwrap_err();
-            assert!(
-                matches!(r.reason, RejectReason::MalformedJson | RejectReason::InvalidType),
-                "{bad}: {r}"
-            );
+            assert!(matches!(r.reason, RejectReason::MalformedJson | RejectReason::InvalidType), "{bad}: {r}");
         }
         let r = Validator::default().validate(Some(b"{"), NOW_US).unwrap_err();
         assert_eq!(r.reason, RejectReason::MalformedJson);
@@ -583,8 +569,16 @@ mod tests {
     #[test]
     fn missing_field_names_the_field() {
         for f in [
-            "transaction_id", "user_id", "account_id", "transaction_type", "amount", "currency",
-            "country", "channel", "status", "event_time",
+            "transaction_id",
+            "user_id",
+            "account_id",
+            "transaction_type",
+            "amount",
+            "currency",
+            "country",
+            "channel",
+            "status",
+            "event_time",
         ] {
             let r = check(&without(f)).unwrap_err();
             assert_eq!(r.reason, RejectReason::MissingField, "{f}");
@@ -630,9 +624,19 @@ mod tests {
         assert_eq!(check(&with("amount", json!(250))), Ok(25000));
         assert_eq!(check(&with("amount", json!(1e3))), Ok(100_000), "1000.0 is exact");
         for bad in [
-            json!("0"), json!("0.00"), json!("-1.00"), json!("1000000000.01"), json!("1.234"),
-            json!("abc"), json!(""), json!("1."), json!(".5"), json!("1e3"), json!(1.234),
-            json!(-5), json!("99999999999999999999999"),
+            json!("0"),
+            json!("0.00"),
+            json!("-1.00"),
+            json!("1000000000.01"),
+            json!("1.234"),
+            json!("abc"),
+            json!(""),
+            json!("1."),
+            json!(".5"),
+            json!("1e3"),
+            json!(1.234),
+            json!(-5),
+            json!("99999999999999999999999"),
         ] {
             assert_eq!(reason_of(&with("amount", bad.clone())), RejectReason::InvalidAmount, "{bad}");
         }
@@ -677,10 +681,7 @@ mod tests {
 
     #[test]
     fn event_time_format_and_range_boundaries() {
-        assert_eq!(
-            reason_of(&with("event_time", json!("2025-12-31 23:00:00"))),
-            RejectReason::InvalidEventTime
-        );
+        assert_eq!(reason_of(&with("event_time", json!("2025-12-31 23:00:00"))), RejectReason::InvalidEventTime);
         assert_eq!(
             reason_of(&with("event_time", json!("2025-12-31T23:00:00"))),
             RejectReason::InvalidEventTime,
@@ -693,10 +694,7 @@ mod tests {
             RejectReason::EventTimeOutOfRange
         );
         assert!(check(&with("event_time", json!("2025-12-02T00:00:00Z"))).is_ok());
-        assert_eq!(
-            reason_of(&with("event_time", json!("2025-12-01T23:59:59Z"))),
-            RejectReason::EventTimeOutOfRange
-        );
+        assert_eq!(reason_of(&with("event_time", json!("2025-12-01T23:59:59Z"))), RejectReason::EventTimeOutOfRange);
     }
 
     #[test]

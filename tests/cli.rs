@@ -49,7 +49,11 @@ fn each_kind_of_bad_configuration_is_refused_by_name() {
     assert_refused(&["run"], &[("TRSTREAM_FLUSH_MAX_ROWZ", "1")], "max_rowz");
     assert_refused(&["run", "--set", "flush.max_rows=0"], &[], "flush.max_rows");
     assert_refused(&["run", "--s3-endpoint", "minio:9000"], &[], "s3.endpoint");
-    assert_refused(&["run", "--set", "memory.total_max_buffered_bytes=1000"], &[], "memory.partition_max_buffered_bytes");
+    assert_refused(
+        &["run", "--set", "memory.total_max_buffered_bytes=1000"],
+        &[],
+        "memory.partition_max_buffered_bytes",
+    );
 }
 
 #[test]
@@ -69,7 +73,9 @@ fn print_config_shows_the_effective_values_without_the_secret() {
 
 #[test]
 fn produce_refuses_bad_forced_values_before_connecting() {
-    for (flag, value) in [("--currency", "XXX"), ("--country", "ZZ"), ("--transaction-type", "GIFT"), ("--amount-min", "0.001")] {
+    for (flag, value) in
+        [("--currency", "XXX"), ("--country", "ZZ"), ("--transaction-type", "GIFT"), ("--amount-min", "0.001")]
+    {
         let out = trstream(&["produce", "--brokers", "127.0.0.1:1", "--count", "1", flag, value], &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{flag} {value} should fail");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use trstream::config::Config;
 use trstream::embedded::{EmbeddedKafka, EmbeddedS3};
@@ -36,7 +36,8 @@ impl Harness {
         let kafka = EmbeddedKafka::start(1, &[(TOPIC, partitions), (DLQ, 1)]).expect("mock cluster");
         let dir = tempfile::tempdir().expect("tempdir");
         let s3 = EmbeddedS3::start(dir.path(), 0, &["raw-data"]).await.expect("s3s-fs");
-        let generator = Generator::new(GenOptions { invalid_ratio: 0.01, oversize_bytes: 4097, seed: 7, ..Default::default() });
+        let generator =
+            Generator::new(GenOptions { invalid_ratio: 0.01, oversize_bytes: 4097, seed: 7, ..Default::default() });
         Harness { kafka, s3, dir, partitions, produced: Vec::new(), generator }
     }
 
@@ -69,7 +70,7 @@ impl Harness {
             .create()
             .expect("producer");
         for _ in 0..n {
-            let g = self.generator.next();
+            let g = self.generator.next_record();
             let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(TOPIC).key(g.key.as_str());
             if !g.payload.is_empty() {
                 rec = rec.payload(g.payload.as_slice());
@@ -152,7 +153,10 @@ impl Harness {
                 let offs = offs.as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
                 for i in 0..batch.num_rows() {
                     assert_eq!(parts.value(i), name.partition, "row in the file of its partition");
-                    assert!((name.first_offset..=name.last_offset).contains(&offs.value(i)), "row inside the file's range");
+                    assert!(
+                        (name.first_offset..=name.last_offset).contains(&offs.value(i)),
+                        "row inside the file's range"
+                    );
                     rows.push((ids.value(i).to_string(), parts.value(i), offs.value(i)));
                 }
             }
@@ -173,7 +177,11 @@ impl Harness {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 let h = m.headers().expect("DLQ records carry headers");
                 let get = |k: &str| {
-                    h.iter().find(|x| x.key == k).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+                    h.iter()
+                        .find(|x| x.key == k)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default()
                 };
                 out.push((
                     m.payload().unwrap_or_default().to_vec(),
