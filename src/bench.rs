@@ -29,15 +29,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub records: u64,
     /// Partitions of the topic (the mock keeps ~5 MB of compressed log per partition, so the
-    /// pre-load needs enough of them).
-    #[arg(long, default_value_t = 24)]
+    /// pre-load of 1,000,000 records needs about 40 of them).
+    #[arg(long, default_value_t = 48)]
     pub partitions: i32,
-    /// The daemon's flush.max_rows.
-    #[arg(long, default_value_t = 50_000)]
-    pub flush_rows: usize,
-    /// The daemon's memory.total_max_buffered_bytes, in MiB.
-    #[arg(long, default_value_t = 96)]
-    pub total_buffer_mib: usize,
+    /// Override the daemon's flush.max_rows (default: the configuration's).
+    #[arg(long)]
+    pub flush_rows: Option<usize>,
+    /// Override the daemon's memory.total_max_buffered_bytes, in MiB (default: the configuration's).
+    #[arg(long)]
+    pub total_buffer_mib: Option<usize>,
     /// Internal: run the infrastructure process.
     #[arg(long, hide = true)]
     pub infra: bool,
@@ -89,8 +89,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     config.s3.endpoint = endpoint;
     config.s3.access_key_id = crate::embedded::ACCESS_KEY.into();
     config.s3.secret_access_key = crate::embedded::SECRET_KEY.into();
-    config.flush.max_rows = args.flush_rows;
-    config.memory.total_max_buffered_bytes = args.total_buffer_mib * 1024 * 1024;
+    if let Some(rows) = args.flush_rows {
+        config.flush.max_rows = rows;
+    }
+    if let Some(mib) = args.total_buffer_mib {
+        config.memory.total_max_buffered_bytes = mib * 1024 * 1024;
+    }
     config.memory.partition_max_buffered_bytes =
         config.memory.partition_max_buffered_bytes.min(config.memory.total_max_buffered_bytes);
     config.flush.max_bytes = config.flush.max_bytes.min(config.memory.partition_max_buffered_bytes);

@@ -143,7 +143,7 @@ pub struct FlushConfig {
 
 impl Default for FlushConfig {
     fn default() -> Self {
-        FlushConfig { max_rows: 100_000, max_bytes: 32 * 1024 * 1024, max_age: Duration::from_secs(10) }
+        FlushConfig { max_rows: 100_000, max_bytes: 24 * 1024 * 1024, max_age: Duration::from_secs(10) }
     }
 }
 
@@ -152,13 +152,14 @@ impl Default for FlushConfig {
 pub struct MemoryConfig {
     /// Bytes of consumed-but-uncommitted records one partition may hold before it is paused (I4).
     pub partition_max_buffered_bytes: usize,
-    /// Bytes all partitions together may hold before partitions are paused (I4).
+    /// Bytes all partitions together may hold before the largest buffers are flushed early and
+    /// fetching is held (I4). Peak RSS is roughly 2.4 × this (see the README's benchmark).
     pub total_max_buffered_bytes: usize,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { partition_max_buffered_bytes: 48 * 1024 * 1024, total_max_buffered_bytes: 128 * 1024 * 1024 }
+        MemoryConfig { partition_max_buffered_bytes: 32 * 1024 * 1024, total_max_buffered_bytes: 96 * 1024 * 1024 }
     }
 }
 

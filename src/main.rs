@@ -107,7 +107,21 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Caps glibc's malloc arenas at two. With one arena per thread (its default, up to 8 per core)
+/// the flush threads fragment memory: `trstream bench` measured 236 MB peak RSS with the default
+/// and 170 MB with two arenas, at the same throughput. mimalloc and jemalloc did no better here.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     // The demo and the benchmark draw a progress line; only warnings may interrupt it.
     init_tracing(match cli.command {

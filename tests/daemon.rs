@@ -1,0 +1,66 @@
+//! `trstream run` as a process: SIGTERM drains, commits and exits 0 (I7).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Harness, wait_for};
+
+const GROUP: &str = "trstream-test";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Sum of a Prometheus counter over its labels, from the daemon's /metrics.
+fn counter(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return 0.0 };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_commits_and_exits_zero() {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    // Nothing flushes on its own: only the SIGTERM drain can write and commit.
+    config.flush.max_age = Duration::from_secs(300);
+    config.flush.max_rows = 1_000_000;
+    let port = free_port();
+    config.http.listen = format!("127.0.0.1:{port}");
+    let file = h.dir.path().join("trstream.toml");
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trstream"))
+        .args(["run", "--config", file.to_str().unwrap()])
+        .env("TRSTREAM_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    h.produce(3_000);
+    wait_for("the daemon consumed everything", Duration::from_secs(120), || {
+        counter(port, "trstream_records_consumed_total") >= 3_000.0
+    })
+    .await;
+    assert!(h.raw_files().is_empty(), "nothing flushed before SIGTERM");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit within 60s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    h.assert_exactly_once(GROUP, true);
+}
