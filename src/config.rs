@@ -277,6 +277,23 @@ pub struct Sources {
     pub overrides: Vec<String>,
 }
 
+/// librdkafka properties trstream sets itself: overriding them through `kafka.properties` would
+/// break a guarantee (auto-commit breaks I1; a cooperative or KIP-848 protocol breaks the eager
+/// rebalance handling of the driver), so they are refused, naming the key to use instead.
+const OWNED_KAFKA_PROPERTIES: [(&str, &str); 11] = [
+    ("bootstrap.servers", "kafka.brokers"),
+    ("group.id", "kafka.group_id"),
+    ("auto.offset.reset", "kafka.auto_offset_reset"),
+    ("session.timeout.ms", "kafka.session_timeout"),
+    ("queued.max.messages.kbytes", "kafka.fetch_queue_kbytes"),
+    ("fetch.queue.backoff.ms", "kafka.fetch_queue_backoff"),
+    ("enable.auto.commit", "nothing: trstream commits only after the upload (I1)"),
+    ("enable.auto.offset.store", "nothing: trstream commits explicit offsets"),
+    ("enable.partition.eof", "nothing"),
+    ("partition.assignment.strategy", "nothing: trstream drains partitions with the eager protocol"),
+    ("group.protocol", "nothing: trstream drains partitions with the classic protocol"),
+];
+
 /// `TRSTREAM_` variables that are not configuration keys.
 const NOT_CONFIG_ENV: [&str; 1] = ["TRSTREAM_LOG"];
 
@@ -377,6 +394,14 @@ impl Config {
         }
         if self.kafka.topic == self.kafka.dlq_topic {
             return err("kafka.dlq_topic", format!("must differ from kafka.topic ({:?})", self.kafka.topic));
+        }
+        for key in self.kafka.properties.keys() {
+            if let Some((_, instead)) = OWNED_KAFKA_PROPERTIES.iter().find(|(k, _)| k == key) {
+                return err(
+                    &format!("kafka.properties.{key}"),
+                    format!("is set by trstream and cannot be overridden; use {instead}"),
+                );
+            }
         }
         if self.kafka.group_id.is_empty() {
             return err("kafka.group_id", "must not be empty".into());
@@ -595,6 +620,11 @@ mod tests {
             ("[parquet]\nzstd_level = 0", "parquet.zstd_level"),
             ("[upload]\nretry_initial_backoff = \"1m\"\nretry_max_backoff = \"1s\"", "upload.retry_initial_backoff"),
             ("[http]\nlisten = \"nowhere\"", "http.listen"),
+            ("[kafka.properties]\n\"enable.auto.commit\" = \"true\"", "kafka.properties.enable.auto.commit"),
+            (
+                "[kafka.properties]\n\"partition.assignment.strategy\" = \"cooperative-sticky\"",
+                "kafka.properties.partition.assignment.strategy",
+            ),
         ];
         for (text, key) in cases {
             let e = load_str(text, &[], &[]).unwrap_err();

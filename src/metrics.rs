@@ -86,7 +86,10 @@ pub struct Stats {
     pub adopted_files: AtomicU64,
     pub upload_bytes: AtomicU64,
     pub upload_errors: AtomicU64,
+    /// Restarts of any actor (workers and the ingest subtree).
     pub restarts: AtomicU64,
+    /// Restarts of the whole ingest subtree by Root (escalations).
+    pub ingest_restarts: AtomicU64,
     pub max_buffered_bytes: AtomicU64,
     pub buffered_bytes: AtomicU64,
     pub pauses: AtomicU64,

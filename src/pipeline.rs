@@ -357,6 +357,7 @@ impl RootActor {
         }
         tracing::warn!(reason = %why, "ingest supervisor down; restarting");
         state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        state.ctx.stats.ingest_restarts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::ACTOR_RESTARTS, "actor" => "ingest_supervisor").increment(1);
         // A short pause lets the old consumer leave the group first.
         myself.send_after(Duration::from_millis(500), || RootMsg::StartIngest);

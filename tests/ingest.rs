@@ -164,3 +164,45 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_over_its_restart_limit_escalates_and_the_subtree_restarts() {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    // One restart per minute per partition: the second crash escalates to Root.
+    config.supervision.max_restarts = 1;
+    let faults = Arc::new(Faults::default());
+    faults.crash_after_upload(0, 3);
+    let pipeline = trstream::start(config, faults).await.unwrap();
+    h.produce(10_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    let stats = pipeline.stats.clone();
+    assert!(pipeline.health.alive.load(Ordering::Relaxed), "Root is still up");
+    pipeline.shutdown().await;
+    assert!(Stats::get(&stats.ingest_restarts) >= 1, "the ingest subtree was restarted by Root");
+    assert!(Stats::get(&stats.adopted_files) >= 3, "every crashed upload was adopted");
+    h.assert_exactly_once(GROUP, false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_at_assignment_defers_the_partition_until_the_recovery_scan_succeeds() {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    config.s3.create_bucket = false; // the bucket exists; only the scan can fail
+    h.s3.set_down(true);
+    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    h.produce(4_000);
+    let stats = pipeline.stats.clone();
+    // Without a scan the start offset is unknown: nothing may be consumed meanwhile.
+    let wait = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(wait);
+    while !wait.is_elapsed() {
+        assert_eq!(Stats::get(&stats.consumed), 0, "consumed before the recovery scan succeeded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!pipeline.health.s3_ok.load(Ordering::Relaxed), "/readyz reports S3 unreachable");
+    h.s3.set_down(false);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    h.assert_exactly_once(GROUP, true);
+}

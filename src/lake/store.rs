@@ -1,0 +1,208 @@
+//! The S3 side of the lake: conditional create, listing for the recovery scan, bucket checks.
+//!
+//! Errors say whether a retry can help ([`StoreError::is_retryable`]): a 5xx, a timeout or a
+//! refused connection is an outage to wait out (I4 keeps memory bounded meanwhile); a 403 or a
+//! missing bucket is for an operator, so the caller escalates. A 412 on the conditional create
+//! means the file is already there: success, not an error (design §3).
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
+    timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::SdkError;
+use aws_sdk_s3::primitives::ByteStream;
+
+use crate::config::S3Config;
+use crate::lake::keys::{self, RawFileName};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Worth retrying: the store is down, slow or overloaded.
+    #[error("S3 {op} {target} failed, will retry: {detail}")]
+    Retryable { op: &'static str, target: String, detail: String },
+    /// Not worth retrying: credentials, a missing bucket, a malformed request.
+    #[error("S3 {op} {target} failed: {detail}")]
+    Fatal { op: &'static str, target: String, detail: String },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Retryable { .. })
+    }
+}
+
+/// What a conditional create did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// `If-None-Match: *` answered 412: an earlier attempt already uploaded this exact name.
+    AlreadyExists,
+}
+
+fn classify<E, R>(op: &'static str, target: &str, err: &SdkError<E, R>, status: Option<u16>) -> StoreError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let detail = match err {
+        SdkError::ServiceError(se) => format!("{} (HTTP {})", se.err(), status.unwrap_or(0)),
+        other => format!("{}", aws_smithy_types::error::display::DisplayErrorContext(other)),
+    };
+    let target = target.to_string();
+    let retryable = match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(_) => matches!(status, Some(408 | 429) | Some(500..=599) | None),
+        _ => false,
+    };
+    if retryable { StoreError::Retryable { op, target, detail } } else { StoreError::Fatal { op, target, detail } }
+}
+
+/// One bucket of the lake.
+#[derive(Clone)]
+pub struct LakeStore {
+    client: Client,
+    bucket: String,
+}
+
+impl LakeStore {
+    pub fn new(cfg: &S3Config, bucket: &str) -> LakeStore {
+        let creds = Credentials::new(&cfg.access_key_id, &cfg.secret_access_key, None, None, "trstream-config");
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(cfg.region.clone()))
+            .endpoint_url(&cfg.endpoint)
+            .credentials_provider(creds)
+            .force_path_style(cfg.force_path_style)
+            // Our own loop retries with backoff for as long as it takes; the SDK only smooths blips.
+            .retry_config(RetryConfig::standard().with_max_attempts(2))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3).min(cfg.request_timeout))
+                    .operation_timeout(cfg.request_timeout)
+                    .build(),
+            )
+            // Plain Content-MD5-free PUTs: every S3-compatible store accepts them.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        LakeStore { client: Client::from_conf(conf), bucket: bucket.to_string() }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Uploads `body` under `key` only if no object has that key (`If-None-Match: *`).
+    pub async fn put_if_absent(&self, key: &str, body: bytes::Bytes) -> Result<PutOutcome, StoreError> {
+        let res = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .if_none_match("*")
+            .content_type("application/vnd.apache.parquet")
+            .body(ByteStream::from(body))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(412) {
+                    Ok(PutOutcome::AlreadyExists)
+                } else {
+                    Err(classify("PutObject", key, &e, status))
+                }
+            }
+        }
+    }
+
+    /// Every key under `prefix` strictly after `start_after`, in lexical order.
+    pub async fn list_keys(&self, prefix: &str, start_after: Option<&str>) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix);
+            if let Some(sa) = start_after {
+                req = req.start_after(sa);
+            }
+            if let Some(t) = &token {
+                req = req.continuation_token(t);
+            }
+            let out = req.send().await.map_err(|e| {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                classify("ListObjectsV2", prefix, &e, status)
+            })?;
+            keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The recovery scan of I2: the raw file with the highest last offset among those whose first
+    /// offset is at or after `from_offset` (the committed offset), i.e. uploaded but perhaps not
+    /// committed. `None` when nothing past the commit exists.
+    pub async fn latest_raw_file(
+        &self,
+        raw_prefix: &str,
+        topic: &str,
+        partition: i32,
+        from_offset: Option<i64>,
+    ) -> Result<Option<RawFileName>, StoreError> {
+        let prefix = keys::partition_prefix(raw_prefix, partition);
+        let marker = from_offset.map(|o| keys::start_after_for(raw_prefix, topic, partition, o));
+        let keys = self.list_keys(&prefix, marker.as_deref()).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| RawFileName::parse(k))
+            .filter(|n| n.topic == topic && n.partition == partition)
+            .max_by_key(|n| n.last_offset))
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let out = self.client.get_object().bucket(&self.bucket).key(key).send().await.map_err(|e| {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            classify("GetObject", key, &e, status)
+        })?;
+        let body = out.body.collect().await.map_err(|e| StoreError::Retryable {
+            op: "GetObject",
+            target: key.to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(body.to_vec())
+    }
+
+    /// Readiness probe: the bucket answers.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.client.head_bucket().bucket(&self.bucket).send().await.map(|_| ()).map_err(|e| {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            classify("HeadBucket", &self.bucket, &e, status)
+        })
+    }
+
+    /// Creates the bucket if it is missing (used when `s3.create_bucket` is set, and by the demo).
+    pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        match self.probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(_) => {}
+        }
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(409) {
+                    Ok(()) // created meanwhile by another instance
+                } else {
+                    Err(classify("CreateBucket", &self.bucket, &e, status))
+                }
+            }
+        }
+    }
+}
