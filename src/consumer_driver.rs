@@ -51,8 +51,16 @@ enum Slot {
         /// An early flush was requested and has not yet brought the budget down.
         flush_asked: bool,
     },
-    /// Paused, waiting for the recovery scan and a new worker.
-    Recovering { next_try: Instant, backoff: Duration, seek: bool },
+    /// Paused, waiting for the recovery scan and a new worker. `attempt` identifies the scan in
+    /// flight, if any, so a late result for a slot since revoked or replaced is discarded.
+    Recovering { next_try: Instant, backoff: Duration, attempt: Option<u64> },
+}
+
+/// The result of a recovery run off the driver thread.
+struct RecoveryDone {
+    partition: i32,
+    attempt: u64,
+    result: Result<Recovered, String>,
 }
 
 #[derive(Default)]
@@ -76,6 +84,8 @@ pub struct DriverContext {
     supervisor: ActorCell,
     consumer: OnceLock<Weak<Consumer>>,
     state: Mutex<DriverState>,
+    recoveries: Mutex<(std::sync::mpsc::Sender<RecoveryDone>, Option<Receiver<RecoveryDone>>)>,
+    attempts: std::sync::atomic::AtomicU64,
 }
 
 impl ClientContext for DriverContext {}
@@ -104,7 +114,16 @@ impl ConsumerContext for DriverContext {
 
 impl DriverContext {
     pub fn new(ctx: Arc<PipelineCtx>, rt: tokio::runtime::Handle, supervisor: ActorCell) -> Self {
-        DriverContext { ctx, rt, supervisor, consumer: OnceLock::new(), state: Mutex::new(DriverState::default()) }
+        let (tx, rx) = std::sync::mpsc::channel();
+        DriverContext {
+            ctx,
+            rt,
+            supervisor,
+            consumer: OnceLock::new(),
+            state: Mutex::new(DriverState::default()),
+            recoveries: Mutex::new((tx, Some(rx))),
+            attempts: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     pub fn set_consumer(&self, consumer: &Arc<Consumer>) {
@@ -125,34 +144,50 @@ impl DriverContext {
         let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?parts, "partitions assigned");
         let committed = self.committed(base, &parts);
-        let mut not_ready = Vec::new();
-        for &p in &parts {
-            let start = match self.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())) {
+        // The scans run concurrently, so a slow store costs one request timeout, not one per
+        // partition, before the assignment is handed back to librdkafka.
+        let results: Vec<(i32, Result<Recovered, String>)> = match (&committed, self.consumer()) {
+            (Ok(committed), Some(consumer)) => self.rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for &p in &parts {
+                    let job = self.recovery(p, committed.get(&p).copied().flatten(), consumer.clone());
+                    set.spawn(async move { (p, job.await) });
+                }
+                let mut out = Vec::new();
+                while let Some(r) = set.join_next().await {
+                    out.extend(r.ok());
+                }
+                out
+            }),
+            (Err(e), _) => parts.iter().map(|&p| (p, Err(e.clone()))).collect(),
+            (_, None) => parts.iter().map(|&p| (p, Err("consumer is gone".to_string()))).collect(),
+        };
+        let mut not_ready: Vec<i32> = parts.clone();
+        for (p, result) in results {
+            match result {
                 Ok(Recovered { start, worker, budget }) => {
-                    self.state
-                        .lock()
-                        .unwrap()
-                        .slots
-                        .insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
-                    start
+                    let slot = Slot::Ready { worker, budget, paused: false, flush_asked: false };
+                    self.state.lock().unwrap().slots.insert(p, slot);
+                    not_ready.retain(|x| *x != p);
+                    if let Some(offset) = start {
+                        let _ = tpl.set_partition_offset(self.topic(), p, Offset::Offset(offset));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "recovery scan failed at assignment; partition paused until it succeeds");
-                    let slot =
-                        Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(200), seek: true };
-                    self.state.lock().unwrap().slots.insert(p, slot);
-                    not_ready.push(p);
-                    None
                 }
-            };
-            if let Some(offset) = start {
-                let _ = tpl.set_partition_offset(self.topic(), p, Offset::Offset(offset));
             }
+        }
+        for &p in &not_ready {
+            let slot =
+                Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(200), attempt: None };
+            self.state.lock().unwrap().slots.insert(p, slot);
         }
         if let Err(e) = base.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
         }
         if !not_ready.is_empty() {
+            // Before any poll returns a record of theirs: the start offset is not known yet.
             let _ = base.pause(&self.tpl(&not_ready));
         }
         self.ctx.health.consuming.store(true, Ordering::Relaxed);
@@ -226,44 +261,63 @@ impl DriverContext {
             .collect())
     }
 
-    /// The recovery scan of I2 and the spawn of a fresh worker. Returns the offset the partition
-    /// must be read from (`None`: nothing committed and nothing uploaded; use the reset policy).
-    fn recover(&self, p: i32, committed: Result<Option<i64>, &String>) -> Result<Recovered, String> {
-        let committed = committed.map_err(Clone::clone)?;
-        let cfg = &self.ctx.config;
-        let latest: Option<RawFileName> = self
-            .rt
-            .block_on(self.ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.kafka.topic, p, committed))
-            .map_err(|e| {
-                self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
-                format!("recovery scan of partition {p}: {e}")
-            })?;
-        self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
-        let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
-        let start = adopted.as_ref().map(|f| f.last_offset + 1).or(committed);
-        let consumer = self.consumer.get().and_then(Weak::upgrade).ok_or_else(|| "consumer is gone".to_string())?;
-        let budget = Arc::new(PartitionBudget::new(self.ctx.clone()));
-        let args = PartitionWorkerArgs {
-            partition: p,
-            start_offset: start,
-            adopted,
-            ctx: self.ctx.clone(),
-            consumer,
-            budget: budget.clone(),
-        };
-        let name = format!("{}/partition-{}-{p}", self.ctx.instance, cfg.kafka.topic);
-        let (worker, _) = self
-            .rt
-            .block_on(Actor::spawn_linked(Some(name), PartitionWorker, args, self.supervisor.clone()))
-            .map_err(|e| format!("spawning the worker of partition {p}: {e}"))?;
-        tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
-        Ok(Recovered { start, worker, budget })
+    fn consumer(&self) -> Option<Arc<Consumer>> {
+        self.consumer.get().and_then(Weak::upgrade)
     }
+
+    /// The recovery scan of I2 and the spawn of a fresh worker, as a future that does not borrow
+    /// the driver (it runs on the runtime, concurrently or off the driver thread). Resolves to
+    /// the offset the partition must be read from (`None`: nothing committed and nothing uploaded;
+    /// the reset policy decides) and the new worker.
+    fn recovery(
+        &self,
+        p: i32,
+        committed: Option<i64>,
+        consumer: Arc<Consumer>,
+    ) -> impl std::future::Future<Output = Result<Recovered, String>> + Send + 'static {
+        recovery(self.ctx.clone(), self.supervisor.clone(), p, committed, consumer)
+    }
+}
+
+/// See [`DriverContext::recovery`].
+async fn recovery(
+    ctx: Arc<PipelineCtx>,
+    supervisor: ActorCell,
+    p: i32,
+    committed: Option<i64>,
+    consumer: Arc<Consumer>,
+) -> Result<Recovered, String> {
+    let cfg = &ctx.config;
+    let latest: Option<RawFileName> =
+        ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.kafka.topic, p, committed).await.map_err(|e| {
+            ctx.health.s3_ok.store(false, Ordering::Relaxed);
+            format!("recovery scan of partition {p}: {e}")
+        })?;
+    ctx.health.s3_ok.store(true, Ordering::Relaxed);
+    // Files whose first offset is at or past the commit were uploaded but not committed: adopt.
+    let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
+    let start = adopted.as_ref().map(|f| f.last_offset + 1).or(committed);
+    let budget = Arc::new(PartitionBudget::new(ctx.clone()));
+    let name = format!("{}/partition-{}-{p}", ctx.instance, cfg.kafka.topic);
+    let args = PartitionWorkerArgs {
+        partition: p,
+        start_offset: start,
+        adopted,
+        ctx: ctx.clone(),
+        consumer,
+        budget: budget.clone(),
+    };
+    let (worker, _) = Actor::spawn_linked(Some(name), PartitionWorker, args, supervisor)
+        .await
+        .map_err(|e| format!("spawning the worker of partition {p}: {e}"))?;
+    tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
+    Ok(Recovered { start, worker, budget })
 }
 
 /// The driver loop; returns when shut down or aborted.
 pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
     let dc = consumer.context();
+    let recoveries = dc.recoveries.lock().unwrap().1.take().expect("the driver loop runs once per consumer");
     let mut last_gauge = Instant::now();
     let mut pressure_since: Option<Instant> = None;
     let mut holding = false;
@@ -277,6 +331,9 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return abort(&consumer),
             }
+        }
+        while let Ok(done) = recoveries.try_recv() {
+            on_recovery_done(&consumer, done);
         }
 
         let mut routed = 0;
@@ -424,7 +481,8 @@ fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
         budget.release_all();
     }
     st.pending.remove(&p);
-    st.slots.insert(p, Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(100), seek: true });
+    st.slots
+        .insert(p, Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(100), attempt: None });
     drop(st);
     // Stop fetching at once; records already fetched are dropped by the routing above.
     if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
@@ -433,53 +491,85 @@ fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
     tracing::warn!(partition = p, "partition worker died; seeking back to the committed offset");
 }
 
-/// Brings `Recovering` partitions back: committed offset, recovery scan, new worker, seek, resume.
-fn retry_recoveries(consumer: &Consumer) {
+/// Starts a recovery, off this thread, for each `Recovering` partition that is due and has none
+/// in flight: a store that hangs must not stall polling, nor the partitions that are fine.
+fn retry_recoveries(consumer: &Arc<Consumer>) {
     let dc = consumer.context();
-    let due: Vec<(i32, Duration, bool)> = {
-        let st = dc.state.lock().unwrap();
-        st.slots
-            .iter()
-            .filter_map(|(p, s)| match s {
-                Slot::Recovering { next_try, backoff, seek } if *next_try <= Instant::now() => {
-                    Some((*p, *backoff, *seek))
-                }
-                _ => None,
+    let mut st = dc.state.lock().unwrap();
+    for (&p, slot) in st.slots.iter_mut() {
+        let Slot::Recovering { next_try, attempt, .. } = slot else { continue };
+        if attempt.is_some() || *next_try > Instant::now() {
+            continue;
+        }
+        let id = dc.attempts.fetch_add(1, Ordering::Relaxed);
+        *attempt = Some(id);
+        let tx = dc.recoveries.lock().unwrap().0.clone();
+        let (ctx, supervisor, consumer) = (dc.ctx.clone(), dc.supervisor.clone(), consumer.clone());
+        dc.rt.spawn(async move {
+            // The committed offset is a blocking librdkafka request; the scan and spawn are async.
+            let c = consumer.clone();
+            let (topic, timeout) = (ctx.config.kafka.topic.clone(), ctx.config.kafka.request_timeout);
+            let committed = tokio::task::spawn_blocking(move || {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&topic, p);
+                c.committed_offsets(tpl, timeout).map(|t| {
+                    t.elements().first().and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None })
+                })
             })
-            .collect()
-    };
-    for (p, backoff, seek) in due {
-        let committed = dc.committed(consumer, &[p]);
-        let res = dc.recover(p, committed.as_ref().map(|c| c.get(&p).copied().flatten())).and_then(
-            |Recovered { start, worker, budget }| {
-                if seek {
-                    let target = match start {
-                        Some(o) => Offset::Offset(o),
-                        None if dc.ctx.config.kafka.auto_offset_reset == "latest" => Offset::End,
-                        None => Offset::Beginning,
-                    };
-                    if let Err(e) = consumer.seek(dc.topic(), p, target, dc.ctx.config.kafka.request_timeout) {
-                        worker.kill();
-                        return Err(format!("seek of partition {p} to {target:?} failed: {e}"));
-                    }
-                }
-                Ok((worker, budget))
-            },
-        );
-        let mut st = dc.state.lock().unwrap();
-        match res {
-            Ok((worker, budget)) => {
-                st.slots.insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
-                drop(st);
-                if let Err(e) = consumer.resume(&dc.tpl(&[p])) {
-                    tracing::warn!(partition = p, error = %e, "resume after recovery failed");
-                }
-            }
+            .await;
+            let result = match committed {
+                Ok(Ok(committed)) => recovery(ctx, supervisor, p, committed, consumer).await,
+                Ok(Err(e)) => Err(format!("fetching the committed offset of partition {p}: {e}")),
+                Err(e) => Err(format!("committed-offset task failed: {e}")),
+            };
+            let _ = tx.send(RecoveryDone { partition: p, attempt: id, result });
+        });
+    }
+}
+
+/// Installs a finished recovery: seek to the start (I3), mark ready, resume. A result for a slot
+/// revoked or replaced meanwhile is discarded, and its worker stopped.
+fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
+    let dc = consumer.context();
+    let RecoveryDone { partition: p, attempt, result } = done;
+    let current = matches!(dc.state.lock().unwrap().slots.get(&p), Some(Slot::Recovering { attempt: Some(a), .. }) if *a == attempt);
+    if !current {
+        if let Ok(r) = result {
+            r.worker.kill();
+        }
+        return;
+    }
+    let result = result.and_then(|Recovered { start, worker, budget }| {
+        let target = match start {
+            Some(o) => Offset::Offset(o),
+            None if dc.ctx.config.kafka.auto_offset_reset == "latest" => Offset::End,
+            None => Offset::Beginning,
+        };
+        match consumer.seek(dc.topic(), p, target, dc.ctx.config.kafka.request_timeout) {
+            Ok(()) => Ok((worker, budget)),
             Err(e) => {
-                tracing::warn!(partition = p, error = %e, retry_in = ?backoff, "partition recovery failed");
-                let next = (backoff * 2).min(Duration::from_secs(10));
-                st.slots.insert(p, Slot::Recovering { next_try: Instant::now() + backoff, backoff: next, seek });
+                worker.kill();
+                Err(format!("seek of partition {p} to {target:?} failed: {e}"))
             }
+        }
+    });
+    let mut st = dc.state.lock().unwrap();
+    let backoff = match st.slots.get(&p) {
+        Some(Slot::Recovering { backoff, .. }) => *backoff,
+        _ => Duration::from_millis(100),
+    };
+    match result {
+        Ok((worker, budget)) => {
+            st.slots.insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
+            drop(st);
+            if let Err(e) = consumer.resume(&dc.tpl(&[p])) {
+                tracing::warn!(partition = p, error = %e, "resume after recovery failed");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(partition = p, error = %e, retry_in = ?backoff, "partition recovery failed");
+            let next = (backoff * 2).min(Duration::from_secs(10));
+            st.slots.insert(p, Slot::Recovering { next_try: Instant::now() + backoff, backoff: next, attempt: None });
         }
     }
 }

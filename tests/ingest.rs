@@ -174,7 +174,8 @@ async fn a_worker_over_its_restart_limit_escalates_and_the_subtree_restarts() {
     let faults = Arc::new(Faults::default());
     faults.crash_after_upload(0, 3);
     let pipeline = trstream::start(config, faults).await.unwrap();
-    h.produce(10_000);
+    // ~10,000 records per partition: enough flushes on partition 0 for all three crashes.
+    h.produce(20_000);
     wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
     let stats = pipeline.stats.clone();
     assert!(pipeline.health.alive.load(Ordering::Relaxed), "Root is still up");
@@ -194,9 +195,8 @@ async fn s3_down_at_assignment_defers_the_partition_until_the_recovery_scan_succ
     h.produce(4_000);
     let stats = pipeline.stats.clone();
     // Without a scan the start offset is unknown: nothing may be consumed meanwhile.
-    let wait = tokio::time::sleep(Duration::from_secs(5));
-    tokio::pin!(wait);
-    while !wait.is_elapsed() {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
         assert_eq!(Stats::get(&stats.consumed), 0, "consumed before the recovery scan succeeded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
