@@ -154,6 +154,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Stats::get(&stats.restarts),
         lag_left,
     );
+    if lag_left > 0 {
+        eprintln!(
+            "{lag_left} records were produced but not consumed when the demo stopped: they stay uncommitted in Kafka, \
+             never half-written (a restarted daemon would resume at the committed offsets)"
+        );
+    }
     let glob = raw.join("**").join("*.parquet");
     eprintln!(
         "query it: duckdb -c \"SELECT transaction_type, count(*), sum(amount) FROM read_parquet('{}') GROUP BY 1\"",
