@@ -291,6 +291,8 @@ impl PartitionWorkerState {
         self.await_dlq().await?;
 
         let rows = self.rows.len();
+        let dlq_acked = started.elapsed();
+        let (mut encoded, mut uploaded, mut size, mut outcome) = (dlq_acked, dlq_acked, 0, None);
         if rows > 0 {
             let batch = self.rows.finish();
             let name = RawFileName {
@@ -305,32 +307,35 @@ impl PartitionWorkerState {
                 .await
                 .map_err(|e| format!("parquet encoder task failed: {e}"))?
                 .map_err(|e| format!("parquet encoding of {name} failed: {e}"))?;
-            let size = body.len();
+            size = body.len();
             let key = name.key(&self.ctx.config.s3.raw_prefix);
-            let t_encoded = started.elapsed();
-            let outcome = self.upload(&key, bytes::Bytes::from(body)).await?;
-            tracing::debug!(partition = p, encoded = ?t_encoded, uploaded = ?started.elapsed(), "flush phases");
+            encoded = started.elapsed();
+            outcome = Some(self.upload(&key, bytes::Bytes::from(body)).await?);
+            uploaded = started.elapsed();
             self.ctx.stats.files.fetch_add(1, Ordering::Relaxed);
             self.ctx.stats.upload_bytes.fetch_add(size as u64, Ordering::Relaxed);
             metrics::counter!(m::FILES_UPLOADED).increment(1);
             metrics::counter!(m::UPLOAD_BYTES).increment(size as u64);
-            tracing::debug!(
-                partition = p,
-                first_offset = w.first,
-                last_offset = w.last,
-                rows,
-                bytes = size,
-                ?outcome,
-                trigger = trigger.as_str(),
-                "uploaded raw file"
-            );
             if self.ctx.faults.take_crash_after_upload(p) {
                 return Err(format!("injected fault: crash after uploading {key}, before the commit").into());
             }
         }
-        let t_commit = Instant::now();
         self.commit(w.last + 1).await?;
-        tracing::debug!(partition = p, last_offset = w.last, commit = ?t_commit.elapsed(), total = ?started.elapsed(), "committed");
+        // One event per flush, with where its time went (cumulative since the flush began).
+        tracing::debug!(
+            partition = p,
+            first_offset = w.first,
+            last_offset = w.last,
+            rows,
+            bytes = size,
+            trigger = trigger.as_str(),
+            ?outcome,
+            ?dlq_acked,
+            ?encoded,
+            ?uploaded,
+            committed = ?started.elapsed(),
+            "flushed"
+        );
         self.ctx.stats.written.fetch_add(rows as u64, Ordering::Relaxed);
         metrics::counter!(m::RECORDS_WRITTEN, "partition" => self.partition_label.clone()).increment(rows as u64);
         metrics::counter!(m::FLUSHES, "trigger" => trigger.as_str()).increment(1);
