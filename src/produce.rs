@@ -326,21 +326,7 @@ pub fn produce(
         if matches!(g.expect, Expect::Invalid(_)) {
             progress.invalid.fetch_add(1, Ordering::Relaxed);
         }
-        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&opts.topic).key(g.key.as_str());
-        if !g.payload.is_empty() {
-            rec = rec.payload(g.payload.as_slice());
-        }
-        let mut rec = rec;
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((e, r)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(format!("producing to {}: {e}", opts.topic)),
-            }
-        }
+        send(&producer, &opts.topic, &g).map_err(|e| format!("producing to {}: {e}", opts.topic))?;
         sent += 1;
         progress.sent.fetch_add(1, Ordering::Relaxed);
         if opts.progress && last_line.elapsed() >= Duration::from_secs(1) {
@@ -361,6 +347,29 @@ pub fn produce(
         eprintln!();
     }
     Ok(summary)
+}
+
+/// Enqueues one generated record (keyed by user, no payload for an empty one), waiting while
+/// the producer's queue is full. Delivery is reported to the producer's context.
+pub fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
+    topic: &str,
+    g: &Generated,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(g.key.as_str());
+    if !g.payload.is_empty() {
+        rec = rec.payload(g.payload.as_slice());
+    }
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((e, r)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }
 
 fn print_line(p: &ProduceProgress, elapsed: Duration) {

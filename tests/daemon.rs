@@ -15,11 +15,7 @@ fn free_port() -> u16 {
 
 /// Sum of a Prometheus counter over its labels, from the daemon's /metrics.
 fn counter(port: u16, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return 0.0 };
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
+    let body = common::http_get(([127, 0, 0, 1], port).into(), "/metrics");
     body.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -29,10 +25,8 @@ fn counter(port: u16, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_commits_and_exits_zero() {
     let mut h = Harness::new(2).await;
-    let mut config = h.config();
     // Nothing flushes on its own: only the SIGTERM drain can write and commit.
-    config.flush.max_age = Duration::from_secs(300);
-    config.flush.max_rows = 1_000_000;
+    let mut config = h.drain_only_config();
     let port = free_port();
     config.http.listen = format!("127.0.0.1:{port}");
     let file = h.dir.path().join("trstream.toml");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Harness, wait_for};
+use common::{Harness, http_get, wait_for};
 use trstream::Faults;
 use trstream::metrics::Stats;
 
@@ -120,11 +120,8 @@ async fn a_broker_going_down_and_up_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_commits_everything_it_flushed() {
     let mut h = Harness::new(2).await;
-    let mut config = h.config();
-    // Nothing would flush on its own for a minute: only the shutdown drain can commit.
-    config.flush.max_age = Duration::from_secs(60);
-    config.flush.max_rows = 1_000_000;
-    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    // Nothing would flush on its own: only the shutdown drain can commit.
+    let pipeline = trstream::start(h.drain_only_config(), Arc::new(Faults::default())).await.unwrap();
     h.produce(3_000);
     let stats = pipeline.stats.clone();
     wait_for("every record consumed", DONE, || Stats::get(&stats.consumed) + Stats::get(&stats.skipped) >= 3_000).await;
@@ -141,11 +138,11 @@ async fn a_restarted_daemon_resumes_without_duplicates_and_serves_health() {
     let addr = pipeline.http_addr.expect("http server");
     h.produce(4_000);
     wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
-    let metrics = http_get(addr, "/metrics").await;
+    let metrics = http_get(addr, "/metrics");
     assert!(metrics.contains("trstream_records_consumed_total"), "{metrics}");
     assert!(metrics.contains("trstream_flush_duration_seconds_bucket"));
-    assert!(http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
-    assert!(http_get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(http_get(addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(addr, "/readyz").starts_with("HTTP/1.1 200"));
     pipeline.shutdown().await;
 
     // Same group, same lake: the second instance starts at the committed offsets.
@@ -154,15 +151,6 @@ async fn a_restarted_daemon_resumes_without_duplicates_and_serves_health() {
     wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
     pipeline.shutdown().await;
     h.assert_exactly_once(GROUP, true);
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use trstream::config::Config;
 use trstream::embedded::{EmbeddedKafka, EmbeddedS3};
@@ -61,6 +61,15 @@ impl Harness {
         c
     }
 
+    /// A configuration under which nothing flushes on its own for minutes: only a drain (revoke
+    /// or shutdown) can write and commit.
+    pub fn drain_only_config(&self) -> Config {
+        let mut c = self.config();
+        c.flush.max_age = Duration::from_secs(300);
+        c.flush.max_rows = 1_000_000;
+        c
+    }
+
     /// Produces `n` generated records (1% invalid, every reason) and waits for their acks.
     pub fn produce(&mut self, n: usize) {
         let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
@@ -71,20 +80,7 @@ impl Harness {
             .expect("producer");
         for _ in 0..n {
             let g = self.generator.next_record();
-            let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(TOPIC).key(g.key.as_str());
-            if !g.payload.is_empty() {
-                rec = rec.payload(g.payload.as_slice());
-            }
-            let mut rec = rec;
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        rec = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            trstream::produce::send(&producer, TOPIC, &g).expect("enqueue a record");
             self.produced.push(g);
         }
         producer.flush(Duration::from_secs(30)).expect("all produced records acknowledged");
@@ -244,6 +240,16 @@ impl Harness {
 
         assert_eq!(self.committed(group), self.end_offsets(), "committed offsets at the log end");
     }
+}
+
+/// `GET path` on a local HTTP server; the raw response (status line, headers, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// Waits for `cond` with a deadline, polling; panics naming `what` on timeout.
