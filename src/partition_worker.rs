@@ -54,6 +54,13 @@ impl RecordChunk {
         self.data.len() + self.entries.len() * std::mem::size_of::<ChunkEntry>()
     }
 
+    /// One entry's share of [`RecordChunk::accounted_bytes`]: the shares add up to the whole,
+    /// so a flush in the middle of a chunk releases exactly what its window held.
+    pub fn entry_bytes(e: &ChunkEntry) -> usize {
+        let len = |r: Option<(u32, u32)>| r.map_or(0, |(_, l)| l as usize);
+        len(e.key) + len(e.payload) + std::mem::size_of::<ChunkEntry>()
+    }
+
     fn slice(&self, r: Option<(u32, u32)>) -> Option<&[u8]> {
         r.map(|(s, l)| &self.data[s as usize..(s + l) as usize])
     }
@@ -221,11 +228,13 @@ impl PartitionWorkerState {
     async fn on_records(&mut self, chunk: RecordChunk) -> Result<(), ActorProcessingErr> {
         let now_us = now_micros();
         let p = self.partition;
-        let topic = &self.ctx.config.kafka.topic;
-        let (mut consumed, mut skipped) = (0u64, 0u64);
+        let (max_rows, max_bytes) = (self.ctx.config.flush.max_rows, self.ctx.config.flush.max_bytes);
+        let (mut consumed, mut skipped, mut skipped_bytes) = (0u64, 0u64, 0usize);
         for e in &chunk.entries {
+            let bytes = RecordChunk::entry_bytes(e);
             if self.next_offset.is_some_and(|n| e.offset < n) {
                 skipped += 1;
+                skipped_bytes += bytes;
                 continue;
             }
             if self.ctx.faults.should_panic(p, e.offset) {
@@ -258,12 +267,18 @@ impl PartitionWorkerState {
             let w =
                 self.window.get_or_insert(Window { first: e.offset, last: e.offset, opened: Instant::now(), bytes: 0 });
             w.last = e.offset;
+            w.bytes += bytes;
+            let over_bytes = w.bytes >= max_bytes;
             self.next_offset = Some(e.offset + 1);
+            // Checked per record, so that a file never holds more than `flush.max_rows` rows.
+            if self.rows.len() >= max_rows {
+                self.flush(Trigger::Rows).await?;
+            } else if over_bytes {
+                self.flush(Trigger::Bytes).await?;
+            }
         }
-        let bytes = chunk.accounted_bytes();
-        match &mut self.window {
-            Some(w) => w.bytes += bytes,
-            None => self.budget.release(bytes),
+        if skipped_bytes > 0 {
+            self.budget.release(skipped_bytes);
         }
         if consumed > 0 {
             metrics::counter!(m::RECORDS_CONSUMED, "partition" => self.partition_label.clone()).increment(consumed);
@@ -272,13 +287,7 @@ impl PartitionWorkerState {
         if skipped > 0 {
             metrics::counter!(m::RECORDS_SKIPPED).increment(skipped);
             self.ctx.stats.skipped.fetch_add(skipped, Ordering::Relaxed);
-            tracing::debug!(partition = p, topic = %topic, skipped, "skipped records already in the lake");
-        }
-        let flush = &self.ctx.config.flush;
-        if self.rows.len() >= flush.max_rows {
-            self.flush(Trigger::Rows).await?;
-        } else if self.window.as_ref().is_some_and(|w| w.bytes >= flush.max_bytes) {
-            self.flush(Trigger::Bytes).await?;
+            tracing::debug!(partition = p, skipped, "skipped records already in the lake");
         }
         Ok(())
     }
@@ -411,5 +420,24 @@ impl PartitionWorkerState {
         self.committed = Some(next);
         self.ctx.stats.record_commit(self.partition, next);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_shares_add_up_to_the_chunk() {
+        let mut chunk = RecordChunk::default();
+        chunk.push(1, Some(b"user-1"), Some(b"{\"a\":1}"));
+        chunk.push(2, None, Some(b"{}"));
+        chunk.push(3, Some(b"k"), None);
+        chunk.push(4, None, None);
+        let sum: usize = chunk.entries.iter().map(RecordChunk::entry_bytes).sum();
+        assert_eq!(sum, chunk.accounted_bytes());
+        assert_eq!(chunk.slice(chunk.entries[0].key), Some(&b"user-1"[..]));
+        assert_eq!(chunk.slice(chunk.entries[1].payload), Some(&b"{}"[..]));
+        assert_eq!(chunk.slice(chunk.entries[3].payload), None);
     }
 }

@@ -29,7 +29,13 @@ async fn fifty_thousand_records_land_exactly_once() {
     pipeline.shutdown().await;
     h.assert_exactly_once(GROUP, true);
     assert_eq!(Stats::get(&stats.restarts), 0);
-    assert!(h.raw_files().len() >= 20, "flushes of at most 2000 rows: {} files", h.raw_files().len());
+    let rows = h.lake_rows();
+    assert!(h.raw_files().len() >= rows.len() / 2_000, "flush.max_rows = 2000: {} files", h.raw_files().len());
+    for (name, path) in h.raw_files() {
+        let meta = parquet::file::reader::SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let n = parquet::file::reader::FileReader::metadata(&meta).file_metadata().num_rows();
+        assert!(n <= 2_000, "{name} holds {n} rows, more than flush.max_rows");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
