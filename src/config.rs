@@ -41,6 +41,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub supervision: SupervisionConfig,
     pub http: HttpConfig,
+    pub partitioner: PartitionerConfig,
+    pub compactor: CompactorConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -102,6 +104,8 @@ pub struct S3Config {
     pub secret_access_key: String,
     /// Bucket of the raw (bronze) files.
     pub raw_bucket: String,
+    /// Bucket of the Hive-partitioned table (`year=/month=/day=/transaction_type=/`).
+    pub table_bucket: String,
     /// Key prefix inside the raw bucket (`raw-data/<prefix>/partition=<p>/…`).
     pub raw_prefix: String,
     /// Path-style addressing (`http://host/bucket/key`), needed by MinIO and most self-hosted stores.
@@ -121,6 +125,7 @@ impl Default for S3Config {
             access_key_id: "trstream".into(),
             secret_access_key: "trstream-secret".into(),
             raw_bucket: "raw-data".into(),
+            table_bucket: "tb-transactions".into(),
             raw_prefix: "transactions".into(),
             force_path_style: true,
             create_bucket: false,
@@ -256,6 +261,51 @@ impl Default for SupervisionConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+pub struct PartitionerConfig {
+    /// Run the partitioner (raw files → the Hive-partitioned table).
+    pub enabled: bool,
+    /// How often raw-data is listed past each watermark, as a safety net behind the hand-over of
+    /// each uploaded file (which covers the common case at once).
+    #[serde(with = "humantime_serde")]
+    pub scan_interval: Duration,
+}
+
+impl Default for PartitionerConfig {
+    fn default() -> Self {
+        PartitionerConfig { enabled: true, scan_interval: Duration::from_secs(30) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactorConfig {
+    /// Run the compactor (merges small files of the table).
+    pub enabled: bool,
+    /// Time between compaction passes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A file smaller than this many bytes is small: a candidate for merging.
+    pub small_file_bytes: u64,
+    /// A merged file is built from inputs adding up to at most this many bytes.
+    pub target_file_bytes: u64,
+    /// Merge a Hive partition's small files (of one Kafka partition) once there are this many.
+    pub min_files: usize,
+}
+
+impl Default for CompactorConfig {
+    fn default() -> Self {
+        CompactorConfig {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            small_file_bytes: 32 << 20,
+            target_file_bytes: 128 << 20,
+            min_files: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Listen address of `/metrics`, `/healthz` and `/readyz`; empty disables the server.
     pub listen: String,
@@ -297,8 +347,20 @@ const OWNED_KAFKA_PROPERTIES: [(&str, &str); 11] = [
 /// `TRSTREAM_` variables that are not configuration keys.
 const NOT_CONFIG_ENV: [&str; 1] = ["TRSTREAM_LOG"];
 
-const SECTIONS: [&str; 10] =
-    ["kafka", "s3", "flush", "memory", "upload", "parquet", "validation", "shutdown", "supervision", "http"];
+const SECTIONS: [&str; 12] = [
+    "kafka",
+    "s3",
+    "flush",
+    "memory",
+    "upload",
+    "parquet",
+    "validation",
+    "shutdown",
+    "supervision",
+    "http",
+    "partitioner",
+    "compactor",
+];
 
 /// A scalar given as text (env or flag): TOML syntax where it parses (`100`, `true`, `["USD"]`),
 /// a plain string otherwise (`localhost:9092`, `30s`).
@@ -428,6 +490,12 @@ impl Config {
         if self.s3.raw_bucket.is_empty() {
             return err("s3.raw_bucket", "must not be empty".into());
         }
+        if self.s3.table_bucket.is_empty() {
+            return err("s3.table_bucket", "must not be empty".into());
+        }
+        if self.s3.table_bucket == self.s3.raw_bucket {
+            return err("s3.table_bucket", format!("must differ from s3.raw_bucket ({:?})", self.s3.raw_bucket));
+        }
         if self.s3.raw_prefix.starts_with('/') || self.s3.raw_prefix.ends_with('/') {
             return err("s3.raw_prefix", format!("{:?} must not start or end with '/'", self.s3.raw_prefix));
         }
@@ -488,6 +556,27 @@ impl Config {
         }
         if self.supervision.max_restarts == 0 {
             return err("supervision.max_restarts", "must be at least 1".into());
+        }
+        if self.partitioner.scan_interval.is_zero() {
+            return err("partitioner.scan_interval", "must be greater than 0s".into());
+        }
+        if self.compactor.interval.is_zero() {
+            return err("compactor.interval", "must be greater than 0s".into());
+        }
+        if self.compactor.min_files < 2 {
+            return err("compactor.min_files", format!("{} must be at least 2 (merging one file gains nothing)", self.compactor.min_files));
+        }
+        if self.compactor.small_file_bytes == 0 || self.compactor.small_file_bytes > self.compactor.target_file_bytes {
+            return err(
+                "compactor.small_file_bytes",
+                format!(
+                    "{} must be greater than 0 and at most compactor.target_file_bytes ({})",
+                    self.compactor.small_file_bytes, self.compactor.target_file_bytes
+                ),
+            );
+        }
+        if self.compactor.enabled && !self.partitioner.enabled {
+            return err("compactor.enabled", "the compactor only merges files the partitioner has finished with; enable partitioner.enabled too".into());
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return err("http.listen", format!("{:?} is not an address like 0.0.0.0:9464", self.http.listen));

@@ -143,6 +143,7 @@ impl DriverContext {
     fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?parts, "partitions assigned");
+        self.ctx.assign_partitions(&parts);
         let committed = self.committed(base, &parts);
         // The scans run concurrently, so a slow store costs one request timeout, not one per
         // partition, before the assignment is handed back to librdkafka.
@@ -196,49 +197,36 @@ impl DriverContext {
 
     fn on_revoke(&self, parts: &[i32], lost: bool) {
         tracing::info!(?parts, lost, "partitions revoked");
-        for &p in parts {
-            let (slot, pending) = {
-                let mut st = self.state.lock().unwrap();
-                (st.slots.remove(&p), st.pending.remove(&p))
-            };
-            let Some(Slot::Ready { worker, budget, .. }) = slot else { continue };
-            if lost || Self::in_runtime() {
-                // Someone else may own the partition now: commit nothing more.
-                worker.kill();
-            } else {
-                if let Some(chunk) = pending.filter(|c| !c.is_empty()) {
-                    let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
+        let mut workers = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap();
+            for &p in parts {
+                let pending = st.pending.remove(&p);
+                let Some(Slot::Ready { worker, budget, .. }) = st.slots.remove(&p) else { continue };
+                if let Some(chunk) = pending.filter(|_| !lost) {
+                    hand_over(&worker, &budget, chunk);
                 }
-                self.drain_and_stop(p, &worker, self.ctx.config.shutdown.drain_timeout);
+                workers.push((p, worker, budget));
             }
-            budget.release_all();
+        }
+        if Self::in_runtime() {
+            // Cannot wait here (the consumer is being dropped on the runtime): let go at once.
+            self.ctx.disown(parts);
+            kill_all(self, workers);
+        } else if lost {
+            // Someone else may own the partitions now: commit nothing more.
+            kill_all(self, workers);
+            self.rt.block_on(self.ctx.release_partitions(parts));
+        } else {
+            // The partitioner and compactor let go while the workers drain, both before the
+            // revoke returns, so the next owner is the only writer (I5). The drains run
+            // concurrently: a revoke must finish within the session timeout, not one per partition.
+            let (ctx, owned) = (self.ctx.clone(), parts.to_vec());
+            let release = self.rt.spawn(async move { ctx.release_partitions(&owned).await });
+            drain_all(self, workers, self.ctx.config.shutdown.drain_timeout);
+            let _ = self.rt.block_on(release);
         }
         metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.state.lock().unwrap().slots.len() as f64);
-    }
-
-    fn drain_and_stop(&self, p: i32, worker: &ActorRef<PartitionWorkerMsg>, timeout: Duration) {
-        let started = Instant::now();
-        let res =
-            self.rt.block_on(async { ractor::call_t!(worker, PartitionWorkerMsg::Drain, timeout.as_millis() as u64) });
-        match res {
-            Ok(Ok(committed)) => {
-                tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained");
-                let _ = self.rt.block_on(async {
-                    worker.stop_and_wait(Some("drained".into()), Some(Duration::from_secs(5))).await
-                });
-            }
-            other => {
-                // Still retrying an upload, say: abort it. Nothing past the last commit is lost;
-                // the next owner re-reads it and the recovery scan adopts what was uploaded.
-                let why = match other {
-                    Ok(Err(e)) => e,
-                    Err(e) => e.to_string(),
-                    Ok(Ok(_)) => unreachable!(),
-                };
-                tracing::warn!(partition = p, error = %why, "drain did not complete; uncommitted records will be re-read");
-                let _ = self.rt.block_on(async { worker.kill_and_wait(Some(Duration::from_secs(5))).await });
-            }
-        }
     }
 
     fn tpl(&self, parts: &[i32]) -> TopicPartitionList {
@@ -378,8 +366,7 @@ fn dispatch(dc: &DriverContext) {
     let st = &mut *st;
     for (p, chunk) in st.pending.drain() {
         if let Some(Slot::Ready { worker, budget, .. }) = st.slots.get(&p) {
-            budget.acquire(chunk.accounted_bytes());
-            let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
+            hand_over(worker, budget, chunk);
         }
     }
     let total = dc.ctx.total_buffered.load(Ordering::Relaxed) as u64;
@@ -574,86 +561,111 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
     }
 }
 
+/// Routes a chunk to its worker, counting its bytes in the partition's budget (I4) until the
+/// worker commits them. Every path that gives a worker records goes through here, so what a
+/// worker releases was always acquired.
+fn hand_over(worker: &ActorRef<PartitionWorkerMsg>, budget: &PartitionBudget, chunk: RecordChunk) {
+    if chunk.is_empty() {
+        return;
+    }
+    budget.acquire(chunk.accounted_bytes());
+    let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
+}
+
+type Workers = Vec<(i32, ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>)>;
+
+/// Takes every ready worker out of the slots, handing each what was fetched for it first.
+fn take_workers(dc: &DriverContext) -> Workers {
+    let mut st = dc.state.lock().unwrap();
+    let st = &mut *st;
+    let mut pending = std::mem::take(&mut st.pending);
+    st.slots
+        .drain()
+        .filter_map(|(p, s)| match s {
+            Slot::Ready { worker, budget, .. } => {
+                if let Some(chunk) = pending.remove(&p) {
+                    hand_over(&worker, &budget, chunk);
+                }
+                Some((p, worker, budget))
+            }
+            Slot::Recovering { .. } => None,
+        })
+        .collect()
+}
+
+/// Drains `workers` concurrently (flush, DLQ acks, upload, commit) within `timeout`, stops the
+/// drained ones and kills the rest: what they did not commit is re-read by the next owner, and
+/// the recovery scan adopts what they uploaded.
+fn drain_all(dc: &DriverContext, workers: Workers, timeout: Duration) {
+    let started = Instant::now();
+    dc.rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (p, worker, budget) in workers {
+            set.spawn(async move {
+                let res = ractor::call_t!(worker, PartitionWorkerMsg::Drain, timeout.as_millis() as u64);
+                match res {
+                    Ok(Ok(committed)) => {
+                        tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained");
+                        let _ = worker.stop_and_wait(Some("drained".into()), Some(Duration::from_secs(5))).await;
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(Err(e)) => e,
+                            Err(e) => e.to_string(),
+                            Ok(Ok(_)) => unreachable!(),
+                        };
+                        tracing::warn!(partition = p, error = %why, "drain did not complete; uncommitted records will be re-read");
+                        let _ = worker.kill_and_wait(Some(Duration::from_secs(5))).await;
+                    }
+                }
+                budget.release_all();
+            });
+        }
+        while set.join_next().await.is_some() {}
+    });
+}
+
+/// Kills `workers` without a drain: nothing more is committed.
+fn kill_all(dc: &DriverContext, workers: Workers) {
+    for (_, w, _) in &workers {
+        w.kill();
+    }
+    if DriverContext::in_runtime() {
+        // Cannot wait here; the budgets are released as the workers are forgotten.
+        for (_, _, b) in workers {
+            b.release_all();
+        }
+        return;
+    }
+    dc.rt.block_on(async {
+        for (_, w, b) in workers {
+            let _ = w.kill_and_wait(Some(Duration::from_secs(5))).await;
+            b.release_all();
+        }
+    });
+}
+
 /// I7: hand over what was fetched, drain every worker (flush, upload, commit), leave the group.
 fn shutdown(consumer: &Arc<Consumer>, deadline: Instant) {
     let dc = consumer.context();
     tracing::info!("draining partitions for shutdown");
-    let slots: Vec<(i32, Slot)> = {
-        let mut st = dc.state.lock().unwrap();
-        let st = &mut *st;
-        for (p, chunk) in st.pending.drain() {
-            if let Some(Slot::Ready { worker, budget, .. }) = st.slots.get(&p) {
-                budget.acquire(chunk.accounted_bytes());
-                let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
-            }
-        }
-        st.slots.drain().collect()
-    };
-    let parts: Vec<i32> = slots.iter().map(|(p, _)| *p).collect();
+    let workers = take_workers(dc);
+    let parts: Vec<i32> = workers.iter().map(|(p, _, _)| *p).collect();
     // Stop fetching so the drain has a fixed end.
     let _ = consumer.pause(&dc.tpl(&parts));
-    // Drain all workers concurrently: each flush is independent.
-    let workers: Vec<(i32, ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>)> = slots
-        .into_iter()
-        .filter_map(|(p, s)| match s {
-            Slot::Ready { worker, budget, .. } => Some((p, worker, budget)),
-            Slot::Recovering { .. } => None,
-        })
-        .collect();
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    dc.rt.block_on(async {
-        let mut set = tokio::task::JoinSet::new();
-        for (p, worker, _) in &workers {
-            let (p, worker) = (*p, worker.clone());
-            set.spawn(async move {
-                let res = ractor::call_t!(worker, PartitionWorkerMsg::Drain, remaining.as_millis() as u64);
-                (p, res)
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok((p, Ok(Ok(c)))) => tracing::info!(partition = p, committed = ?c, "partition drained"),
-                Ok((p, Ok(Err(e)))) => tracing::warn!(partition = p, error = %e, "drain failed"),
-                Ok((p, Err(e))) => {
-                    tracing::warn!(partition = p, error = %e, "drain did not finish before the deadline")
-                }
-                Err(e) => tracing::warn!(error = %e, "drain task failed"),
-            }
-        }
-    });
+    drain_all(dc, workers, deadline.saturating_duration_since(Instant::now()));
+    dc.rt.block_on(dc.ctx.settle_lake(deadline.saturating_duration_since(Instant::now())));
     dc.ctx.abandon();
-    stop_workers(dc, workers.into_iter().map(|(_, w, b)| (w, b)).collect());
     leave_group(consumer);
 }
 
 fn abort(consumer: &Arc<Consumer>) {
     let dc = consumer.context();
     dc.ctx.abandon();
-    let workers: Vec<_> = {
-        let mut st = dc.state.lock().unwrap();
-        st.pending.clear();
-        st.slots
-            .drain()
-            .filter_map(|(_, s)| match s {
-                Slot::Ready { worker, budget, .. } => Some((worker, budget)),
-                Slot::Recovering { .. } => None,
-            })
-            .collect()
-    };
-    for (w, _) in &workers {
-        w.kill();
-    }
-    stop_workers(dc, workers);
+    dc.state.lock().unwrap().pending.clear();
+    let workers = take_workers(dc);
+    kill_all(dc, workers);
     leave_group(consumer);
-}
-
-fn stop_workers(dc: &DriverContext, workers: Vec<(ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>)>) {
-    dc.rt.block_on(async {
-        for (w, budget) in workers {
-            let _ = w.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5))).await;
-            budget.release_all();
-        }
-    });
 }
 
 /// Unsubscribes so the group rebalances at once instead of after the session timeout.

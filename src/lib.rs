@@ -3,10 +3,13 @@
 //! The design brief (`design.md`) names the parts; each has its module here:
 //! [`record`] (the transaction and its validation), [`partition_worker`] (buffer, flush,
 //! upload, commit), [`consumer_driver`] (the rdkafka consumer and rebalances), [`pipeline`]
-//! (the supervision tree and `run`), [`lake`] (file names, Parquet, S3), [`dlq`], [`metrics`],
-//! [`config`], plus the tools around the daemon: [`produce`], [`embedded`], [`demo`], [`bench`].
+//! (the supervision tree and `run`), [`partitioner`] and [`compactor`] (the Hive-partitioned
+//! table), [`lake`] (file names, Parquet, S3), [`dlq`], [`metrics`], [`config`], plus the tools
+//! around the daemon: [`produce`], [`embedded`], [`demo`], [`bench`], [`audit`].
 
+pub mod audit;
 pub mod bench;
+pub mod compactor;
 pub mod config;
 pub mod consumer_driver;
 pub mod demo;
@@ -15,9 +18,10 @@ pub mod embedded;
 pub mod lake;
 pub mod metrics;
 pub mod partition_worker;
+pub mod partitioner;
 pub mod pipeline;
 pub mod produce;
 pub mod record;
 
 pub use config::Config;
-pub use pipeline::{Faults, Pipeline, run, start};
+pub use pipeline::{FaultPoint, Faults, Pipeline, run, start};

@@ -34,6 +34,19 @@ pub const BUFFERED_BYTES: &str = "trstream_buffered_bytes";
 pub const PARTITIONS_PAUSED: &str = "trstream_partitions_paused";
 pub const PARTITIONS_ASSIGNED: &str = "trstream_partitions_assigned";
 pub const COMMITTED_OFFSET: &str = "trstream_committed_offset";
+pub const PARTITIONER_FILES: &str = "trstream_partitioner_files_total";
+pub const PARTITIONER_ROWS: &str = "trstream_partitioner_rows_total";
+pub const PARTITIONER_OUTPUT_FILES: &str = "trstream_partitioner_output_files_total";
+pub const PARTITIONER_LAG_FILES: &str = "trstream_partitioner_lag_files";
+pub const PARTITIONER_ERRORS: &str = "trstream_partitioner_errors_total";
+pub const COMPACTIONS: &str = "trstream_compactions_total";
+pub const COMPACTION_INPUT_FILES: &str = "trstream_compaction_input_files_total";
+pub const COMPACTION_INPUT_BYTES: &str = "trstream_compaction_input_bytes_total";
+pub const COMPACTION_OUTPUT_BYTES: &str = "trstream_compaction_output_bytes_total";
+pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_total";
+pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
+pub const LAKE_FILES: &str = "trstream_lake_files";
+pub const LAKE_SMALL_FILES: &str = "trstream_lake_small_files";
 
 const FLUSH_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -73,6 +86,19 @@ fn describe() {
     describe_gauge!(PARTITIONS_PAUSED, Unit::Count, "Partitions paused for back-pressure.");
     describe_gauge!(PARTITIONS_ASSIGNED, Unit::Count, "Partitions assigned to this instance.");
     describe_gauge!(COMMITTED_OFFSET, Unit::Count, "Last committed offset, by partition.");
+    describe_counter!(PARTITIONER_FILES, Unit::Count, "Raw files split into the table.");
+    describe_counter!(PARTITIONER_ROWS, Unit::Count, "Rows written to the table by the partitioner.");
+    describe_counter!(PARTITIONER_OUTPUT_FILES, Unit::Count, "Table files written by the partitioner.");
+    describe_gauge!(PARTITIONER_LAG_FILES, Unit::Count, "Raw files of owned partitions not yet partitioned.");
+    describe_counter!(PARTITIONER_ERRORS, Unit::Count, "Failed partitioner attempts (each retried).");
+    describe_counter!(COMPACTIONS, Unit::Count, "Merges completed.");
+    describe_counter!(COMPACTION_INPUT_FILES, Unit::Count, "Files merged away by compaction.");
+    describe_counter!(COMPACTION_INPUT_BYTES, Unit::Bytes, "Bytes of the files merged (before).");
+    describe_counter!(COMPACTION_OUTPUT_BYTES, Unit::Bytes, "Bytes of the merged files (after).");
+    describe_counter!(COMPACTION_RECOVERED, Unit::Count, "Compaction intents found at start, by outcome.");
+    describe_counter!(COMPACTION_ERRORS, Unit::Count, "Failed compaction attempts (each retried).");
+    describe_gauge!(LAKE_FILES, Unit::Count, "Files of owned partitions in a table, as of the last compaction pass.");
+    describe_gauge!(LAKE_SMALL_FILES, Unit::Count, "Files under compactor.small_file_bytes, by table.");
 }
 
 /// In-process counters of one pipeline, for the demo line, the benchmark and tests.
@@ -93,6 +119,18 @@ pub struct Stats {
     pub max_buffered_bytes: AtomicU64,
     pub buffered_bytes: AtomicU64,
     pub pauses: AtomicU64,
+    /// Raw files the partitioner has split into the table, and the rows and files it wrote.
+    pub partitioned_files: AtomicU64,
+    pub partitioned_rows: AtomicU64,
+    pub table_files_written: AtomicU64,
+    /// Merges completed, the files they replaced, and intents recovered at start.
+    pub compactions: AtomicU64,
+    pub compacted_files: AtomicU64,
+    pub compaction_bytes_before: AtomicU64,
+    pub compaction_bytes_after: AtomicU64,
+    pub intents_recovered: AtomicU64,
+    /// Restarts of the partitioner and the compactor.
+    pub lake_restarts: AtomicU64,
     committed: Mutex<BTreeMap<i32, i64>>,
 }
 

@@ -159,6 +159,7 @@ impl Actor for PartitionWorker {
             args.ctx.stats.adopted_files.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::FILES_ADOPTED).increment(1);
             tracing::info!(partition = args.partition, file = %f, "adopted an uploaded but uncommitted file");
+            args.ctx.file_committed(f.clone());
         }
         tracing::debug!(partition = args.partition, start_offset = ?args.start_offset, "partition worker started");
         let state = PartitionWorkerState {
@@ -302,6 +303,7 @@ impl PartitionWorkerState {
         let rows = self.rows.len();
         let dlq_acked = started.elapsed();
         let (mut encoded, mut uploaded, mut size, mut outcome) = (dlq_acked, dlq_acked, 0, None);
+        let mut file = None;
         if rows > 0 {
             let batch = self.rows.finish();
             let name = RawFileName {
@@ -328,8 +330,12 @@ impl PartitionWorkerState {
             if self.ctx.faults.take_crash_after_upload(p) {
                 return Err(format!("injected fault: crash after uploading {key}, before the commit").into());
             }
+            file = Some(name);
         }
         self.commit(w.last + 1).await?;
+        if let Some(name) = file {
+            self.ctx.file_committed(name);
+        }
         // One event per flush, with where its time went (cumulative since the flush began).
         tracing::debug!(
             partition = p,

@@ -1,8 +1,10 @@
 //! The daemon's supervision tree and its entry points, `start` and `run` (design §5).
 //!
 //! ```text
-//! Root (restarts IngestSupervisor, gives up after supervision.max_restarts in restart_window)
-//!  └─ IngestSupervisor (one_for_one over workers; owns the ConsumerDriver thread)
+//! Root (one_for_one; gives up after supervision.max_restarts of one child in restart_window)
+//!  ├─ Partitioner (permanent: raw files → Hive-partitioned table)
+//!  ├─ Compactor (permanent: merges small table files)
+//!  └─ IngestSupervisor (permanent; one_for_one over workers; owns the ConsumerDriver thread)
 //!       ├─ ConsumerDriver thread (rdkafka consumer, rebalance, routing, pause/resume, seek)
 //!       └─ PartitionWorker × assigned partitions (transient)
 //! ```
@@ -10,7 +12,7 @@
 //! `handle_supervisor_evt`, and decides there whether to restart, or to give up and stop so its
 //! own parent decides. `supervision.md` is the reference for what happens on each crash.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,14 +20,16 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
 use crate::config::Config;
 use crate::consumer_driver::{self, DriverCmd, DriverContext};
 use crate::dlq::DlqProducer;
-use crate::lake::LakeStore;
+use crate::compactor::{Compactor, CompactorMsg};
+use crate::lake::{LakeStore, RawFileName};
+use crate::partitioner::{Partitioner, PartitionerMsg};
 use crate::metrics::{self as m, Health, Stats};
 use crate::record::Validator;
 
@@ -39,6 +43,22 @@ pub struct Faults {
     armed: AtomicBool,
     panic_at: Mutex<HashMap<i32, i64>>,
     crash_after_upload: Mutex<HashMap<i32, u32>>,
+    points: Mutex<HashMap<FaultPoint, u32>>,
+}
+
+/// Steps of the partitioner and the compactor where a test can make the actor fail (I6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// The partitioner wrote the first table file of a raw file, not the others nor the watermark.
+    PartitionerAfterFirstOutput,
+    /// The partitioner wrote every table file of a raw file, not the watermark.
+    PartitionerBeforeWatermark,
+    /// The compactor wrote its intent, not the merged file.
+    CompactorAfterIntent,
+    /// The compactor wrote the merged file, deleted no input.
+    CompactorAfterOutput,
+    /// The compactor deleted the first input, not the others nor the intent.
+    CompactorMidDeletes,
 }
 
 impl Faults {
@@ -52,6 +72,31 @@ impl Faults {
     pub fn crash_after_upload(&self, partition: i32, times: u32) {
         self.crash_after_upload.lock().unwrap().insert(partition, times);
         self.armed.store(true, Ordering::Relaxed);
+    }
+
+    /// The next `times` passes through `point` fail (the actor returns an error and is restarted).
+    pub fn fail_at(&self, point: FaultPoint, times: u32) {
+        self.points.lock().unwrap().insert(point, times);
+        self.armed.store(true, Ordering::Relaxed);
+    }
+
+    /// How many armed failures of `point` have not fired yet.
+    pub fn pending(&self, point: FaultPoint) -> u32 {
+        self.points.lock().unwrap().get(&point).copied().unwrap_or(0)
+    }
+
+    /// `Err` when a failure is armed at `point` (and uses it up).
+    pub(crate) fn check(&self, point: FaultPoint) -> Result<(), String> {
+        if !self.armed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match self.points.lock().unwrap().get_mut(&point) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(format!("injected fault at {point:?}"))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn should_panic(&self, partition: i32, offset: i64) -> bool {
@@ -88,6 +133,8 @@ pub struct PipelineCtx {
     pub config: Config,
     pub validator: Validator,
     pub store: LakeStore,
+    /// The table bucket (`tb-transactions`).
+    pub table: LakeStore,
     pub dlq: DlqProducer,
     pub stats: Arc<Stats>,
     pub health: Arc<Health>,
@@ -97,6 +144,10 @@ pub struct PipelineCtx {
     /// Consumed-but-uncommitted bytes of all partitions (I4).
     pub total_buffered: AtomicUsize,
     abandon: AtomicBool,
+    /// Kafka partitions this instance owns: the partitioner and compactor touch only their data (I5).
+    owned: Mutex<BTreeSet<i32>>,
+    partitioner: Mutex<Option<ActorRef<PartitionerMsg>>>,
+    compactor: Mutex<Option<ActorRef<CompactorMsg>>>,
 }
 
 impl PipelineCtx {
@@ -107,6 +158,105 @@ impl PipelineCtx {
 
     pub fn abandon(&self) {
         self.abandon.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this instance owns Kafka partition `p` (I5).
+    pub fn owns(&self, p: i32) -> bool {
+        self.owned.lock().unwrap().contains(&p)
+    }
+
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.owned.lock().unwrap().iter().copied().collect()
+    }
+
+    /// Partitions assigned to this instance: the partitioner and compactor take them on.
+    pub fn assign_partitions(&self, parts: &[i32]) {
+        self.owned.lock().unwrap().extend(parts.iter().copied());
+        if let Some(a) = self.partitioner.lock().unwrap().as_ref() {
+            let _ = a.cast(PartitionerMsg::Assigned(parts.to_vec()));
+        }
+        if let Some(a) = self.compactor.lock().unwrap().as_ref() {
+            let _ = a.cast(CompactorMsg::Assigned(parts.to_vec()));
+        }
+    }
+
+    /// Partitions revoked or lost: from now on the partitioner and compactor leave them alone,
+    /// and this returns once neither has work on them in flight (or after `drain_timeout`), so
+    /// the next owner, who cannot get them before the revoke returns, is the only writer (I5).
+    pub async fn release_partitions(&self, parts: &[i32]) {
+        self.disown(parts);
+        let timeout = self.config.shutdown.drain_timeout.as_millis() as u64;
+        let partitioner = self.partitioner.lock().unwrap().clone();
+        let compactor = self.compactor.lock().unwrap().clone();
+        let (a, b) = tokio::join!(
+            async {
+                match partitioner {
+                    Some(a) => ractor::call_t!(a, PartitionerMsg::Released, timeout, parts.to_vec()).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            },
+            async {
+                match compactor {
+                    Some(a) => ractor::call_t!(a, CompactorMsg::Released, timeout, parts.to_vec()).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            }
+        );
+        for (who, r) in [("partitioner", a), ("compactor", b)] {
+            if let Err(e) = r {
+                tracing::warn!(actor = who, ?parts, error = %e, "did not confirm the release of revoked partitions");
+            }
+        }
+    }
+
+    /// Forgets `parts` without waiting for the partitioner and compactor to confirm.
+    pub fn disown(&self, parts: &[i32]) {
+        let mut owned = self.owned.lock().unwrap();
+        for p in parts {
+            owned.remove(p);
+        }
+    }
+
+    /// At shutdown, before the partitions are released: lets the partitioner process every
+    /// raw file of the owned partitions, within `timeout`, so the table is complete on exit.
+    pub async fn settle_lake(&self, timeout: Duration) {
+        let partitioner = self.partitioner.lock().unwrap().clone();
+        if let Some(a) = partitioner {
+            match ractor::call_t!(a, PartitionerMsg::CatchUp, timeout.as_millis().max(1) as u64) {
+                Ok(Ok(files)) => tracing::info!(files, "partitioner caught up"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "partitioner could not catch up before shutdown; it resumes at its watermark"),
+                Err(e) => tracing::warn!(error = %e, "partitioner did not catch up before the shutdown deadline; it resumes at its watermark"),
+            }
+        }
+    }
+
+    /// A worker committed a raw file: hand it to the partitioner.
+    pub fn file_committed(&self, name: RawFileName) {
+        if let Some(a) = self.partitioner.lock().unwrap().as_ref() {
+            let _ = a.cast(PartitionerMsg::FileCommitted(name));
+        }
+    }
+}
+
+/// Restarts counted in a sliding window: more than `max` within `window` and the parent gives up.
+#[derive(Debug)]
+pub struct RestartIntensity {
+    max: usize,
+    window: Duration,
+    times: VecDeque<Instant>,
+}
+
+impl RestartIntensity {
+    pub fn new(config: &crate::config::SupervisionConfig) -> Self {
+        RestartIntensity { max: config.max_restarts as usize, window: config.restart_window, times: VecDeque::new() }
+    }
+
+    /// Records a restart now; `Err(count)` when the limit is exceeded.
+    pub fn record(&mut self) -> Result<(), usize> {
+        let now = Instant::now();
+        self.times.retain(|t| now.duration_since(*t) < self.window);
+        self.times.push_back(now);
+        if self.times.len() > self.max { Err(self.times.len()) } else { Ok(()) }
     }
 }
 
@@ -188,7 +338,7 @@ pub struct IngestState {
     ctx: Arc<PipelineCtx>,
     cmds: Sender<DriverCmd>,
     thread: Option<std::thread::JoinHandle<()>>,
-    restarts: HashMap<i32, VecDeque<Instant>>,
+    restarts: HashMap<i32, RestartIntensity>,
 }
 
 impl Drop for IngestState {
@@ -196,6 +346,9 @@ impl Drop for IngestState {
     /// driver must not outlive its supervisor with workers nobody supervises.
     fn drop(&mut self) {
         let _ = self.cmds.send(DriverCmd::Abort);
+        // Whatever the driver manages before it goes, this instance owns nothing any more (I5).
+        let all = self.ctx.owned_partitions();
+        self.ctx.disown(&all);
     }
 }
 
@@ -281,15 +434,11 @@ impl Actor for IngestSupervisor {
             };
             tracing::warn!(partition, error = %err, "partition worker failed");
             let sup = &state.ctx.config.supervision;
-            let window = state.restarts.entry(partition).or_default();
-            let now = Instant::now();
-            window.retain(|t| now.duration_since(*t) < sup.restart_window);
-            window.push_back(now);
-            if window.len() > sup.max_restarts as usize {
-                tracing::error!(partition, restarts = window.len(), "restart intensity exceeded; escalating");
+            let intensity = state.restarts.entry(partition).or_insert_with(|| RestartIntensity::new(sup));
+            if let Err(count) = intensity.record() {
+                tracing::error!(partition, restarts = count, "restart intensity exceeded; escalating");
                 myself.stop(Some(format!(
-                    "partition {partition} worker failed {} times within {}: {err}",
-                    window.len(),
+                    "partition {partition} worker failed {count} times within {}: {err}",
                     humantime::format_duration(sup.restart_window)
                 )));
                 return Ok(());
@@ -307,29 +456,70 @@ impl Actor for IngestSupervisor {
 
 pub struct RootActor;
 
+/// Root's children, in start order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Child {
+    Partitioner,
+    Compactor,
+    Ingest,
+}
+
+impl Child {
+    fn label(self) -> &'static str {
+        match self {
+            Child::Partitioner => "partitioner",
+            Child::Compactor => "compactor",
+            Child::Ingest => "ingest_supervisor",
+        }
+    }
+}
+
 pub enum RootMsg {
-    StartIngest,
+    Start(Child),
     Shutdown(RpcReplyPort<()>),
 }
 
 pub struct RootState {
     ctx: Arc<PipelineCtx>,
     ingest: Option<ActorRef<IngestMsg>>,
+    /// Live children by actor id.
+    children: HashMap<ActorId, (Child, ActorCell)>,
     generation: u64,
-    restarts: VecDeque<Instant>,
+    restarts: HashMap<Child, RestartIntensity>,
     shutting_down: bool,
 }
 
 impl RootActor {
-    async fn start_ingest(&self, myself: &ActorRef<RootMsg>, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn start_child(
+        &self,
+        myself: &ActorRef<RootMsg>,
+        state: &mut RootState,
+        child: Child,
+    ) -> Result<(), ActorProcessingErr> {
         state.generation += 1;
-        let name = format!("{}/ingest-{}", state.ctx.instance, state.generation);
-        match Actor::spawn_linked(Some(name), IngestSupervisor, state.ctx.clone(), myself.get_cell()).await {
-            Ok((r, _)) => {
-                state.ingest = Some(r);
+        let name = format!("{}/{}-{}", state.ctx.instance, child.label(), state.generation);
+        let ctx = state.ctx.clone();
+        let cell = myself.get_cell();
+        let spawned = match child {
+            Child::Partitioner => Actor::spawn_linked(Some(name), Partitioner, ctx.clone(), cell).await.map(|(r, _)| {
+                *ctx.partitioner.lock().unwrap() = Some(r.clone());
+                r.get_cell()
+            }),
+            Child::Compactor => Actor::spawn_linked(Some(name), Compactor, ctx.clone(), cell).await.map(|(r, _)| {
+                *ctx.compactor.lock().unwrap() = Some(r.clone());
+                r.get_cell()
+            }),
+            Child::Ingest => Actor::spawn_linked(Some(name), IngestSupervisor, ctx, cell).await.map(|(r, _)| {
+                state.ingest = Some(r.clone());
+                r.get_cell()
+            }),
+        };
+        match spawned {
+            Ok(cell) => {
+                state.children.insert(cell.get_id(), (child, cell));
                 Ok(())
             }
-            Err(e) => self.child_down(myself, state, format!("ingest supervisor failed to start: {e}")),
+            Err(e) => self.child_down(myself, state, child, format!("failed to start: {e}")),
         }
     }
 
@@ -337,31 +527,41 @@ impl RootActor {
         &self,
         myself: &ActorRef<RootMsg>,
         state: &mut RootState,
+        child: Child,
         why: String,
     ) -> Result<(), ActorProcessingErr> {
-        state.ingest = None;
+        match child {
+            Child::Ingest => state.ingest = None,
+            Child::Partitioner => *state.ctx.partitioner.lock().unwrap() = None,
+            Child::Compactor => *state.ctx.compactor.lock().unwrap() = None,
+        }
         if state.shutting_down {
             return Ok(());
         }
         let sup = &state.ctx.config.supervision;
-        let now = Instant::now();
-        state.restarts.retain(|t| now.duration_since(*t) < sup.restart_window);
-        state.restarts.push_back(now);
-        if state.restarts.len() > sup.max_restarts as usize {
-            tracing::error!(reason = %why, "ingest supervisor restart intensity exceeded; stopping");
-            let reason = format!("gave up after {} restarts of the ingest supervisor: {why}", state.restarts.len());
+        let intensity = state.restarts.entry(child).or_insert_with(|| RestartIntensity::new(sup));
+        if let Err(count) = intensity.record() {
+            tracing::error!(actor = child.label(), reason = %why, "restart intensity exceeded; stopping");
+            let reason = format!("gave up after {count} restarts of the {}: {why}", child.label());
             *state.ctx.health.exit_reason.lock().unwrap() = Some(reason.clone());
             state.ctx.health.alive.store(false, Ordering::Relaxed);
             myself.stop(Some(reason));
             return Ok(());
         }
-        tracing::warn!(reason = %why, "ingest supervisor down; restarting");
+        tracing::warn!(actor = child.label(), reason = %why, "child down; restarting");
         state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        state.ctx.stats.ingest_restarts.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::ACTOR_RESTARTS, "actor" => "ingest_supervisor").increment(1);
-        // A short pause lets the old consumer leave the group first.
-        myself.send_after(Duration::from_millis(500), || RootMsg::StartIngest);
+        match child {
+            Child::Ingest => state.ctx.stats.ingest_restarts.fetch_add(1, Ordering::Relaxed),
+            _ => state.ctx.stats.lake_restarts.fetch_add(1, Ordering::Relaxed),
+        };
+        metrics::counter!(m::ACTOR_RESTARTS, "actor" => child.label()).increment(1);
+        // A short pause lets an old consumer leave the group, or a store blip pass.
+        myself.send_after(Duration::from_millis(500), move || RootMsg::Start(child));
         Ok(())
+    }
+
+    fn running(state: &RootState, child: Child) -> bool {
+        state.children.values().any(|(c, _)| *c == child)
     }
 }
 
@@ -376,9 +576,25 @@ impl Actor for RootActor {
         ctx: Arc<PipelineCtx>,
     ) -> Result<RootState, ActorProcessingErr> {
         ctx.health.alive.store(true, Ordering::Relaxed);
-        let mut state = RootState { ctx, ingest: None, generation: 0, restarts: VecDeque::new(), shutting_down: false };
-        let me = myself.clone();
-        RootActor.start_ingest(&me, &mut state).await?;
+        let mut children = Vec::new();
+        if ctx.config.partitioner.enabled {
+            children.push(Child::Partitioner);
+        }
+        if ctx.config.compactor.enabled {
+            children.push(Child::Compactor);
+        }
+        children.push(Child::Ingest);
+        let mut state = RootState {
+            ctx,
+            ingest: None,
+            children: HashMap::new(),
+            generation: 0,
+            restarts: HashMap::new(),
+            shutting_down: false,
+        };
+        for child in children {
+            RootActor.start_child(&myself, &mut state, child).await?;
+        }
         Ok(state)
     }
 
@@ -389,17 +605,23 @@ impl Actor for RootActor {
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RootMsg::StartIngest => {
-                if !state.shutting_down && state.ingest.is_none() {
-                    self.start_ingest(&myself, state).await?;
+            RootMsg::Start(child) => {
+                if !state.shutting_down && !Self::running(state, child) {
+                    self.start_child(&myself, state, child).await?;
                 }
             }
             RootMsg::Shutdown(reply) => {
                 state.shutting_down = true;
+                // Ingest first: its drain hands the last files to the partitioner.
                 if let Some(ingest) = state.ingest.take() {
                     let timeout = state.ctx.config.shutdown.timeout + Duration::from_secs(5);
                     if let Err(e) = ractor::call_t!(ingest, IngestMsg::Shutdown, timeout.as_millis() as u64) {
                         tracing::warn!(error = %e, "ingest shutdown did not finish in time");
+                    }
+                }
+                for (_, (child, cell)) in state.children.drain() {
+                    if child != Child::Ingest {
+                        let _ = cell.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await;
                     }
                 }
                 let _ = reply.send(());
@@ -415,15 +637,15 @@ impl Actor for RootActor {
         evt: SupervisionEvent,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
-        let current = state.ingest.as_ref().map(|r| r.get_id());
-        match evt {
-            SupervisionEvent::ActorTerminated(cell, _, reason) if Some(cell.get_id()) == current => {
-                self.child_down(&myself, state, reason.unwrap_or_else(|| "stopped".into()))?;
+        let (id, why) = match evt {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell.get_id(), reason.unwrap_or_else(|| "stopped".into()))
             }
-            SupervisionEvent::ActorFailed(cell, err) if Some(cell.get_id()) == current => {
-                self.child_down(&myself, state, format!("failed: {err}"))?;
-            }
-            _ => {}
+            SupervisionEvent::ActorFailed(cell, err) => (cell.get_id(), format!("failed: {err}")),
+            _ => return Ok(()),
+        };
+        if let Some((child, _)) = state.children.remove(&id) {
+            self.child_down(&myself, state, child, why)?;
         }
         Ok(())
     }
@@ -461,16 +683,23 @@ static INSTANCE_SEQ: AtomicUsize = AtomicUsize::new(0);
 pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, StartError> {
     let handle = m::install();
     let store = LakeStore::new(&config.s3, &config.s3.raw_bucket);
+    let table = LakeStore::new(&config.s3, &config.s3.table_bucket);
     let health = Arc::new(Health::default());
-    if config.s3.create_bucket {
-        store.ensure_bucket().await?;
-        health.s3_ok.store(true, Ordering::Relaxed);
-    } else {
-        // Not fatal: S3 may come up after us; uploads retry and /readyz tells.
-        match store.probe().await {
-            Ok(()) => health.s3_ok.store(true, Ordering::Relaxed),
-            Err(e) if e.is_retryable() => tracing::warn!(error = %e, "S3 not reachable yet"),
-            Err(e) => return Err(e.into()),
+    let mut buckets = vec![&store];
+    if config.partitioner.enabled {
+        buckets.push(&table);
+    }
+    for b in buckets {
+        if config.s3.create_bucket {
+            b.ensure_bucket().await?;
+            health.s3_ok.store(true, Ordering::Relaxed);
+        } else {
+            // Not fatal: S3 may come up after us; uploads retry and /readyz tells.
+            match b.probe().await {
+                Ok(()) => health.s3_ok.store(true, Ordering::Relaxed),
+                Err(e) if e.is_retryable() => tracing::warn!(error = %e, "S3 not reachable yet"),
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let dlq = DlqProducer::new(&kafka_base_config(&config), &config.kafka.dlq_topic, &config.kafka.topic)?;
@@ -480,6 +709,7 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
         validator: config.validator(),
         config,
         store,
+        table,
         dlq,
         stats: stats.clone(),
         health: health.clone(),
@@ -487,6 +717,9 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
         instance: instance.clone(),
         total_buffered: AtomicUsize::new(0),
         abandon: AtomicBool::new(false),
+        owned: Mutex::new(BTreeSet::new()),
+        partitioner: Mutex::new(None),
+        compactor: Mutex::new(None),
     });
     let (http_stop, http_rx) = tokio::sync::watch::channel(false);
     let http_addr = match ctx.config.http.listen.as_str() {

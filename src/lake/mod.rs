@@ -7,6 +7,22 @@
 pub mod keys;
 pub mod parquet;
 pub mod store;
+pub mod table;
 
 pub use keys::RawFileName;
-pub use store::{LakeStore, PutOutcome, StoreError};
+pub use store::{LakeStore, ObjectInfo, PutOutcome, StoreError};
+pub use table::HivePartition;
+
+/// Why a unit of partitioner or compactor work failed: the store (retry if
+/// [`StoreError::is_retryable`]), or anything else (a bug or a corrupt file: escalate).
+#[derive(Debug)]
+pub enum WorkError {
+    Store(StoreError),
+    Other(String),
+}
+
+impl From<StoreError> for WorkError {
+    fn from(e: StoreError) -> Self {
+        WorkError::Store(e)
+    }
+}

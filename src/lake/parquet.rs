@@ -11,6 +11,7 @@ use arrow_array::builder::{Decimal128Builder, Int32Builder, Int64Builder, String
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -167,6 +168,17 @@ impl RowBuffer {
     }
 }
 
+/// The key-value metadata naming a file's source: topic, partition, offset range, rows.
+pub fn source_metadata(name: &RawFileName, rows: usize) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new(META_TOPIC.into(), name.topic.clone()),
+        KeyValue::new(META_PARTITION.into(), name.partition.to_string()),
+        KeyValue::new(META_FIRST_OFFSET.into(), name.first_offset.to_string()),
+        KeyValue::new(META_LAST_OFFSET.into(), name.last_offset.to_string()),
+        KeyValue::new(META_ROWS.into(), rows.to_string()),
+    ]
+}
+
 /// Encodes one flush; the metadata names the source offsets so a file explains itself.
 pub fn encode(
     batch: &RecordBatch,
@@ -174,13 +186,16 @@ pub fn encode(
     zstd_level: i32,
     row_group_rows: usize,
 ) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    let meta = vec![
-        KeyValue::new(META_TOPIC.into(), name.topic.clone()),
-        KeyValue::new(META_PARTITION.into(), name.partition.to_string()),
-        KeyValue::new(META_FIRST_OFFSET.into(), name.first_offset.to_string()),
-        KeyValue::new(META_LAST_OFFSET.into(), name.last_offset.to_string()),
-        KeyValue::new(META_ROWS.into(), batch.num_rows().to_string()),
-    ];
+    encode_with(batch, source_metadata(name, batch.num_rows()), zstd_level, row_group_rows)
+}
+
+/// Encodes `batch` (of [`schema`]) with the lake's writer settings and the given metadata.
+pub fn encode_with(
+    batch: &RecordBatch,
+    meta: Vec<KeyValue>,
+    zstd_level: i32,
+    row_group_rows: usize,
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
         .set_statistics_enabled(EnabledStatistics::Chunk)
@@ -198,12 +213,18 @@ pub fn encode(
     Ok(out)
 }
 
+/// Decodes a lake file (raw or table) into one batch of [`schema`].
+pub fn decode(bytes: bytes::Bytes) -> Result<RecordBatch, parquet::errors::ParquetError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_batch_size(64 * 1024).build()?;
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(arrow_select::concat::concat_batches(&schema(), &batches)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Decimal128Type, TimestampMicrosecondType};
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use std::borrow::Cow;
 
     fn tx(i: i64) -> Transaction<'static> {

@@ -60,6 +60,13 @@ where
     if retryable { StoreError::Retryable { op, target, detail } } else { StoreError::Fatal { op, target, detail } }
 }
 
+/// A listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+}
+
 /// One bucket of the lake.
 #[derive(Clone)]
 pub struct LakeStore {
@@ -120,8 +127,68 @@ impl LakeStore {
         }
     }
 
+    /// Uploads `body` under `key`, replacing any object there. Used only where the name is
+    /// derived from the content's source, so a replacement writes the same rows again.
+    pub async fn put(&self, key: &str, body: bytes::Bytes, content_type: &str) -> Result<(), StoreError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                classify("PutObject", key, &e, status)
+            })
+    }
+
+    /// Deletes `key`; deleting a missing key succeeds (S3 semantics), so a retry is harmless.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client.delete_object().bucket(&self.bucket).key(key).send().await.map(|_| ()).map_err(|e| {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            classify("DeleteObject", key, &e, status)
+        })
+    }
+
+    /// Whether `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(404) { Ok(false) } else { Err(classify("HeadObject", key, &e, status)) }
+            }
+        }
+    }
+
+    /// The object at `key`, or `None` when there is none.
+    pub async fn get_opt(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => {
+                let body = out.body.collect().await.map_err(|e| StoreError::Retryable {
+                    op: "GetObject",
+                    target: key.to_string(),
+                    detail: e.to_string(),
+                })?;
+                Ok(Some(body.to_vec()))
+            }
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(404) { Ok(None) } else { Err(classify("GetObject", key, &e, status)) }
+            }
+        }
+    }
+
     /// Every key under `prefix` strictly after `start_after`, in lexical order.
     pub async fn list_keys(&self, prefix: &str, start_after: Option<&str>) -> Result<Vec<String>, StoreError> {
+        Ok(self.list_objects(prefix, start_after).await?.into_iter().map(|o| o.key).collect())
+    }
+
+    /// Every object (key and size) under `prefix` strictly after `start_after`, in lexical order.
+    pub async fn list_objects(&self, prefix: &str, start_after: Option<&str>) -> Result<Vec<ObjectInfo>, StoreError> {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -136,7 +203,9 @@ impl LakeStore {
                 let status = e.raw_response().map(|r| r.status().as_u16());
                 classify("ListObjectsV2", prefix, &e, status)
             })?;
-            keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(out.contents().iter().filter_map(|o| {
+                Some(ObjectInfo { key: o.key()?.to_string(), size: o.size().unwrap_or(0).max(0) as u64 })
+            }));
             match out.next_continuation_token() {
                 Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
                 _ => break,

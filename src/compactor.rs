@@ -1,0 +1,309 @@
+//! The Compactor actor: merges small files of the table (design §3), crash-safe (I6).
+//!
+//! Every `compactor.interval` it lists the table, keeps the files of the Kafka partitions this
+//! instance owns (I5) that the partitioner has finished with (last offset at or below the
+//! partition's watermark), and plans merges per (Hive partition, Kafka partition) with
+//! [`table::plan_merges`]. One merge is:
+//!
+//! 1. write the intent (`_trstream/compactions/<topic>/partition=<p>/…`: output and inputs);
+//! 2. read the inputs in offset order, write the merged file (one PUT: it appears whole or not);
+//! 3. delete the inputs;
+//! 4. delete the intent.
+//!
+//! Recovery, on start and whenever a partition is assigned, before any new merge of it: an intent
+//! whose output exists is completed (its remaining inputs deleted), one whose output does not
+//! exist is rolled back (nothing was deleted yet). Either way every row is in the table exactly
+//! once. Merges run one per message, so a revoke waits for at most one merge.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::lake::keys::RawFileName;
+use crate::lake::parquet;
+use crate::lake::table::{self, CompactionIntent, MergePlan};
+use crate::lake::{HivePartition, WorkError};
+use crate::metrics as m;
+use crate::partitioner::read_watermark;
+use crate::pipeline::{FaultPoint, PipelineCtx};
+
+/// The `table` label of the lake gauges.
+const TABLE: &str = "tb-transactions";
+
+pub struct Compactor;
+
+pub enum CompactorMsg {
+    /// Time for a pass.
+    Tick,
+    /// Do one unit of work (recover one partition's intents, or one merge).
+    Continue,
+    /// Partitions now owned: recover their intents before merging anything of theirs.
+    Assigned(Vec<i32>),
+    /// Partitions no longer owned: forget them; the reply means no work on them is in flight.
+    Released(Vec<i32>, RpcReplyPort<()>),
+}
+
+pub struct CompactorState {
+    ctx: Arc<PipelineCtx>,
+    to_recover: BTreeSet<i32>,
+    plans: VecDeque<MergePlan>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Actor for Compactor {
+    type Msg = CompactorMsg;
+    type State = CompactorState;
+    type Arguments = Arc<PipelineCtx>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CompactorMsg>,
+        ctx: Arc<PipelineCtx>,
+    ) -> Result<CompactorState, ActorProcessingErr> {
+        let to_recover = ctx.owned_partitions().into_iter().collect();
+        myself.send_after(ctx.config.compactor.interval, || CompactorMsg::Tick);
+        let _ = myself.cast(CompactorMsg::Continue);
+        Ok(CompactorState { ctx, to_recover, plans: VecDeque::new(), retry_at: None, backoff: Duration::ZERO })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<CompactorMsg>,
+        msg: CompactorMsg,
+        state: &mut CompactorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CompactorMsg::Assigned(parts) => {
+                state.to_recover.extend(parts);
+                let _ = myself.cast(CompactorMsg::Continue);
+            }
+            CompactorMsg::Released(parts, reply) => {
+                for p in &parts {
+                    state.to_recover.remove(p);
+                }
+                state.plans.retain(|plan| !parts.contains(&plan.partition()));
+                let _ = reply.send(());
+            }
+            CompactorMsg::Tick => {
+                myself.send_after(state.ctx.config.compactor.interval, || CompactorMsg::Tick);
+                if state.retry_at.is_some_and(|t| t <= Instant::now()) {
+                    state.retry_at = None;
+                }
+                if state.plans.is_empty() && state.retry_at.is_none() {
+                    let res = state.plan_pass().await;
+                    state.outcome(res)?;
+                }
+                let _ = myself.cast(CompactorMsg::Continue);
+            }
+            CompactorMsg::Continue => {
+                if state.retry_at.is_some_and(|t| t > Instant::now()) {
+                    return Ok(());
+                }
+                state.retry_at = None;
+                let res = if let Some(&p) = state.to_recover.iter().next() {
+                    state.recover(p).await.map(|()| {
+                        state.to_recover.remove(&p);
+                    })
+                } else if let Some(plan) = state.plans.pop_front() {
+                    let res = state.merge(&plan).await;
+                    if res.is_err() {
+                        state.plans.push_front(plan);
+                    }
+                    res
+                } else {
+                    return Ok(());
+                };
+                state.outcome(res)?;
+                match state.retry_at {
+                    Some(t) => myself.send_after(t.saturating_duration_since(Instant::now()), || CompactorMsg::Continue),
+                    None => {
+                        let _ = myself.cast(CompactorMsg::Continue);
+                        return Ok(());
+                    }
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CompactorState {
+    /// A retryable store error backs off; anything else fails the actor (it is restarted and
+    /// recovers its intents first).
+    fn outcome(&mut self, res: Result<(), WorkError>) -> Result<(), ActorProcessingErr> {
+        match res {
+            Ok(()) => {
+                self.backoff = Duration::ZERO;
+                Ok(())
+            }
+            Err(WorkError::Store(e)) if e.is_retryable() => {
+                metrics::counter!(m::COMPACTION_ERRORS).increment(1);
+                let upload = &self.ctx.config.upload;
+                self.backoff = (self.backoff * 2).clamp(upload.retry_initial_backoff, upload.retry_max_backoff);
+                self.retry_at = Some(Instant::now() + self.backoff);
+                tracing::warn!(error = %e, retry_in = ?self.backoff, "compactor will retry");
+                Ok(())
+            }
+            Err(WorkError::Store(e)) => Err(e.into()),
+            Err(WorkError::Other(e)) => Err(e.into()),
+        }
+    }
+
+    /// Lists the table and plans the merges of owned, partitioned files.
+    async fn plan_pass(&mut self) -> Result<(), WorkError> {
+        let cfg = &self.ctx.config.compactor;
+        let topic = self.ctx.config.kafka.topic.clone();
+        let owned: Vec<i32> = self.ctx.owned_partitions().into_iter().filter(|p| !self.to_recover.contains(p)).collect();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        let mut watermarks = BTreeMap::new();
+        for &p in &owned {
+            if let Some(w) = read_watermark(&self.ctx, &topic, p).await? {
+                watermarks.insert(p, w);
+            }
+        }
+        let listed = self.ctx.table.list_objects("year=", None).await?;
+        let mut groups: BTreeMap<(HivePartition, i32), Vec<(RawFileName, String, u64)>> = BTreeMap::new();
+        let (mut files, mut small) = (0u64, 0u64);
+        for o in listed {
+            let Some((hive, name)) = HivePartition::parse_key(&o.key) else { continue };
+            if name.topic != topic || !owned.contains(&name.partition) {
+                continue;
+            }
+            files += 1;
+            if o.size < cfg.small_file_bytes {
+                small += 1;
+            }
+            if watermarks.get(&name.partition).is_some_and(|&w| name.last_offset <= w) {
+                groups.entry((hive, name.partition)).or_default().push((name, o.key, o.size));
+            }
+        }
+        metrics::gauge!(m::LAKE_FILES, "table" => TABLE).set(files as f64);
+        metrics::gauge!(m::LAKE_SMALL_FILES, "table" => TABLE).set(small as f64);
+        for ((hive, _), group) in groups {
+            self.plans.extend(table::plan_merges(
+                &hive,
+                group,
+                cfg.small_file_bytes,
+                cfg.target_file_bytes,
+                cfg.min_files,
+            ));
+        }
+        if !self.plans.is_empty() {
+            tracing::debug!(merges = self.plans.len(), files, small, "compaction pass planned");
+        }
+        Ok(())
+    }
+
+    async fn merge(&mut self, plan: &MergePlan) -> Result<(), WorkError> {
+        let p = plan.partition();
+        if !self.ctx.owns(p) || self.to_recover.contains(&p) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let topic = &self.ctx.config.kafka.topic;
+        let output_key = plan.output_key();
+        let intent_key = table::intent_key(topic, p, &output_key);
+        let intent = CompactionIntent {
+            output: output_key.clone(),
+            inputs: plan.inputs.iter().map(|i| i.1.clone()).collect(),
+            created_at: chrono::Utc::now().to_rfc3339(),
+        };
+        let body = serde_json::to_vec_pretty(&intent).expect("an intent serializes");
+        self.ctx.table.put(&intent_key, body.into(), "application/json").await?;
+        self.ctx.faults.check(FaultPoint::CompactorAfterIntent).map_err(WorkError::Other)?;
+
+        let mut bodies = Vec::with_capacity(plan.inputs.len());
+        for (_, key, _) in &plan.inputs {
+            match self.ctx.table.get_opt(key).await? {
+                Some(b) => bodies.push(b),
+                None => {
+                    // The listing is stale (an earlier merge's recovery took it): drop the plan.
+                    tracing::warn!(key = %key, "compaction input is gone; abandoning this merge");
+                    self.ctx.table.delete(&intent_key).await?;
+                    return Ok(());
+                }
+            }
+        }
+        let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
+        let (name, inputs) = (plan.output_name(), plan.inputs.len());
+        let merged = tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), String> {
+            let batches = bodies
+                .into_iter()
+                .map(|b| parquet::decode(bytes::Bytes::from(b)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("decoding a compaction input of {name}: {e}"))?;
+            let batch = arrow_select::concat::concat_batches(&parquet::schema(), &batches)
+                .map_err(|e| format!("concatenating the inputs of {name}: {e}"))?;
+            let mut meta = parquet::source_metadata(&name, batch.num_rows());
+            meta.push(::parquet::file::metadata::KeyValue::new("trstream.compacted_from".into(), inputs.to_string()));
+            let bytes = parquet::encode_with(&batch, meta, level, rg).map_err(|e| format!("encoding {name}: {e}"))?;
+            Ok((batch.num_rows(), bytes))
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
+        .map_err(WorkError::Other)?;
+        let (rows, bytes) = merged;
+        let after = bytes.len() as u64;
+        self.ctx.table.put(&output_key, bytes.into(), "application/vnd.apache.parquet").await?;
+        self.ctx.faults.check(FaultPoint::CompactorAfterOutput).map_err(WorkError::Other)?;
+
+        for (i, (_, key, _)) in plan.inputs.iter().enumerate() {
+            self.ctx.table.delete(key).await?;
+            if i == 0 {
+                self.ctx.faults.check(FaultPoint::CompactorMidDeletes).map_err(WorkError::Other)?;
+            }
+        }
+        self.ctx.table.delete(&intent_key).await?;
+
+        let before = plan.input_bytes();
+        let s = &self.ctx.stats;
+        s.compactions.fetch_add(1, Ordering::Relaxed);
+        s.compacted_files.fetch_add(inputs as u64, Ordering::Relaxed);
+        s.compaction_bytes_before.fetch_add(before, Ordering::Relaxed);
+        s.compaction_bytes_after.fetch_add(after, Ordering::Relaxed);
+        metrics::counter!(m::COMPACTIONS).increment(1);
+        metrics::counter!(m::COMPACTION_INPUT_FILES).increment(inputs as u64);
+        metrics::counter!(m::COMPACTION_INPUT_BYTES).increment(before);
+        metrics::counter!(m::COMPACTION_OUTPUT_BYTES).increment(after);
+        tracing::debug!(partition = p, output = %output_key, inputs, rows, before, after, elapsed = ?started.elapsed(), "merged");
+        Ok(())
+    }
+
+    /// Completes or rolls back every intent of partition `p` (I6).
+    async fn recover(&mut self, p: i32) -> Result<(), WorkError> {
+        if !self.ctx.owns(p) {
+            return Ok(());
+        }
+        let topic = &self.ctx.config.kafka.topic;
+        for key in self.ctx.table.list_keys(&table::intents_prefix(topic, p), None).await? {
+            let Some(body) = self.ctx.table.get_opt(&key).await? else { continue };
+            let intent: CompactionIntent = match serde_json::from_slice(&body) {
+                Ok(i) => i,
+                Err(e) => {
+                    return Err(WorkError::Other(format!(
+                        "compaction intent {key} is not readable ({e}); fix or delete it so compaction of partition {p} can go on"
+                    )));
+                }
+            };
+            let outcome = if self.ctx.table.exists(&intent.output).await? {
+                for input in &intent.inputs {
+                    self.ctx.table.delete(input).await?;
+                }
+                "completed"
+            } else {
+                "rolled_back"
+            };
+            self.ctx.table.delete(&key).await?;
+            self.ctx.stats.intents_recovered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::COMPACTION_RECOVERED, "outcome" => outcome).increment(1);
+            tracing::info!(partition = p, intent = %key, outcome, "recovered an interrupted compaction");
+        }
+        Ok(())
+    }
+}

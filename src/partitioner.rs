@@ -1,0 +1,381 @@
+//! The Partitioner actor: raw files → the Hive-partitioned table (design §3).
+//!
+//! Each raw file a worker commits is handed over here; its rows are split by UTC day of
+//! `event_time` and `transaction_type`, each part is written to
+//! `year=/month=/day=/transaction_type=/<raw file name>`, then the Kafka partition's watermark
+//! (`_trstream/watermarks/…`) moves to the raw file's last offset. The order makes a crash at any
+//! step harmless: outputs are named after their source, so re-running a raw file overwrites the
+//! same keys with the same rows, and the watermark only moves once they are all written (I2).
+//!
+//! Files are processed strictly in offset order per partition. A hand-over is only a hint: on
+//! start, on every assignment, after any gap in the hand-overs and every
+//! `partitioner.scan_interval`, `raw-data` is listed past the watermark, so a file handed over
+//! while this actor was down (or never handed over: adopted after a crash) is never skipped.
+//!
+//! Only partitions this instance owns are touched (I5); a revoke waits for [`PartitionerMsg::Released`],
+//! which is answered between two files, so the next owner is the only writer. Work is done one file
+//! per message so that a release never waits for more than one file.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::lake::keys::{self, RawFileName};
+use crate::lake::parquet;
+use crate::lake::table::{self, Watermark};
+use crate::lake::{StoreError, WorkError};
+use crate::metrics as m;
+use crate::pipeline::{FaultPoint, PipelineCtx};
+
+pub struct Partitioner;
+
+pub enum PartitionerMsg {
+    /// A worker committed this raw file (a hint: the listing is the truth).
+    FileCommitted(RawFileName),
+    /// Partitions now owned by this instance.
+    Assigned(Vec<i32>),
+    /// Partitions no longer owned: forget them; the reply means no work on them is in flight.
+    Released(Vec<i32>, RpcReplyPort<()>),
+    /// Periodic listing of every owned partition.
+    Scan,
+    /// Do one unit of work (a listing or a file).
+    Step,
+    /// Process everything there is now, then reply with the number of raw files processed.
+    CatchUp(RpcReplyPort<Result<u64, String>>),
+}
+
+#[derive(Default)]
+struct PartState {
+    /// The watermark as last read or written; `None` until read, `Some(None)`: none yet.
+    watermark: Option<Option<i64>>,
+    queue: VecDeque<RawFileName>,
+    needs_scan: bool,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl PartState {
+    fn fresh() -> Self {
+        PartState { needs_scan: true, ..Default::default() }
+    }
+
+    fn has_work(&self) -> bool {
+        self.needs_scan || !self.queue.is_empty()
+    }
+
+    /// The last offset known to be covered, by the watermark or by a queued file.
+    fn known_end(&self) -> Option<i64> {
+        self.queue.back().map(|f| f.last_offset).or(self.watermark.flatten())
+    }
+}
+
+pub struct PartitionerState {
+    ctx: Arc<PipelineCtx>,
+    parts: BTreeMap<i32, PartState>,
+    step_queued: bool,
+    /// Round-robin position, so one busy partition does not starve the others.
+    cursor: i32,
+}
+
+enum Unit {
+    Scan(i32),
+    File(i32, RawFileName),
+}
+
+impl Actor for Partitioner {
+    type Msg = PartitionerMsg;
+    type State = PartitionerState;
+    type Arguments = Arc<PipelineCtx>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PartitionerMsg>,
+        ctx: Arc<PipelineCtx>,
+    ) -> Result<PartitionerState, ActorProcessingErr> {
+        let parts = ctx.owned_partitions().into_iter().map(|p| (p, PartState::fresh())).collect();
+        myself.send_after(ctx.config.partitioner.scan_interval, || PartitionerMsg::Scan);
+        let mut state = PartitionerState { ctx, parts, step_queued: false, cursor: -1 };
+        state.schedule(&myself);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<PartitionerMsg>,
+        msg: PartitionerMsg,
+        state: &mut PartitionerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PartitionerMsg::FileCommitted(name) => {
+                if name.topic == state.ctx.config.kafka.topic
+                    && let Some(ps) = state.parts.get_mut(&name.partition)
+                {
+                    match ps.known_end() {
+                        _ if ps.watermark.is_none() || ps.needs_scan => ps.needs_scan = true,
+                        Some(end) if name.last_offset <= end => {} // already covered
+                        Some(end) if name.first_offset == end + 1 => ps.queue.push_back(name),
+                        None if name.first_offset == 0 => ps.queue.push_back(name),
+                        // A gap: a file may have been committed while this actor was down, or
+                        // the gap holds only dead-lettered records. The listing tells.
+                        _ => ps.needs_scan = true,
+                    }
+                    state.report_lag();
+                    state.schedule(&myself);
+                }
+            }
+            PartitionerMsg::Assigned(parts) => {
+                for p in parts {
+                    state.parts.insert(p, PartState::fresh());
+                }
+                state.schedule(&myself);
+            }
+            PartitionerMsg::Released(parts, reply) => {
+                for p in &parts {
+                    state.parts.remove(p);
+                }
+                state.report_lag();
+                let _ = reply.send(());
+            }
+            PartitionerMsg::Scan => {
+                state.sync_ownership();
+                for ps in state.parts.values_mut() {
+                    ps.needs_scan = true;
+                }
+                myself.send_after(state.ctx.config.partitioner.scan_interval, || PartitionerMsg::Scan);
+                state.schedule(&myself);
+            }
+            PartitionerMsg::Step => {
+                state.step_queued = false;
+                if let Some(unit) = state.next_unit() {
+                    state.run(unit).await?;
+                }
+                state.schedule(&myself);
+            }
+            PartitionerMsg::CatchUp(reply) => {
+                state.sync_ownership();
+                for ps in state.parts.values_mut() {
+                    ps.needs_scan = true;
+                    ps.retry_at = None;
+                }
+                let mut files = 0u64;
+                let mut result = Ok(());
+                while let Some(unit) = state.next_unit() {
+                    if matches!(unit, Unit::File(..)) {
+                        files += 1;
+                    }
+                    if let Err(e) = state.run(unit).await {
+                        result = Err(e);
+                        break;
+                    }
+                    if state.parts.values().any(|ps| ps.retry_at.is_some()) {
+                        result = Err("S3 is failing".into());
+                        break;
+                    }
+                }
+                let _ = reply.send(result.as_ref().map(|_| files).map_err(|e| e.to_string()));
+                result?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PartitionerState {
+    /// Queues one `Step` if there is work that is not waiting on a retry; otherwise a delayed
+    /// one for the earliest retry.
+    fn schedule(&mut self, myself: &ActorRef<PartitionerMsg>) {
+        if self.step_queued {
+            return;
+        }
+        let now = Instant::now();
+        let ready = self.parts.values().any(|ps| ps.has_work() && ps.retry_at.is_none_or(|t| t <= now));
+        if ready {
+            self.step_queued = true;
+            let _ = myself.cast(PartitionerMsg::Step);
+        } else if let Some(t) = self.parts.values().filter(|ps| ps.has_work()).filter_map(|ps| ps.retry_at).min() {
+            self.step_queued = true;
+            myself.send_after(t.saturating_duration_since(now), || PartitionerMsg::Step);
+        }
+    }
+
+    /// Adds owned partitions this actor missed (an assignment while it was restarting) and drops
+    /// the ones no longer owned.
+    fn sync_ownership(&mut self) {
+        let owned = self.ctx.owned_partitions();
+        self.parts.retain(|p, _| owned.contains(p));
+        for p in owned {
+            self.parts.entry(p).or_insert_with(PartState::fresh);
+        }
+    }
+
+    fn next_unit(&mut self) -> Option<Unit> {
+        let now = Instant::now();
+        let ready: Vec<i32> = self
+            .parts
+            .iter()
+            .filter(|(_, ps)| ps.has_work() && ps.retry_at.is_none_or(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        let p = *ready.iter().find(|&&p| p > self.cursor).or(ready.first())?;
+        self.cursor = p;
+        let ps = &self.parts[&p];
+        Some(if ps.needs_scan { Unit::Scan(p) } else { Unit::File(p, ps.queue[0].clone()) })
+    }
+
+    /// Runs one unit. A retryable store error backs the partition off; anything else fails the
+    /// actor (its supervisor restarts it, and it resumes at the watermark).
+    async fn run(&mut self, unit: Unit) -> Result<(), ActorProcessingErr> {
+        let p = match &unit {
+            Unit::Scan(p) | Unit::File(p, _) => *p,
+        };
+        if !self.ctx.owns(p) {
+            self.parts.remove(&p);
+            return Ok(());
+        }
+        let res = match unit {
+            Unit::Scan(p) => self.scan(p).await,
+            Unit::File(p, name) => self.partition_file(p, name).await,
+        };
+        match res {
+            Ok(()) => {
+                if let Some(ps) = self.parts.get_mut(&p) {
+                    ps.retry_at = None;
+                    ps.backoff = Duration::ZERO;
+                }
+                self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(WorkError::Store(e)) if e.is_retryable() => {
+                metrics::counter!(m::PARTITIONER_ERRORS).increment(1);
+                self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
+                if let Some(ps) = self.parts.get_mut(&p) {
+                    let upload = &self.ctx.config.upload;
+                    ps.backoff = (ps.backoff * 2).clamp(upload.retry_initial_backoff, upload.retry_max_backoff);
+                    ps.retry_at = Some(Instant::now() + ps.backoff);
+                    tracing::warn!(partition = p, error = %e, retry_in = ?ps.backoff, "partitioner will retry");
+                }
+                Ok(())
+            }
+            Err(WorkError::Store(e)) => Err(e.into()),
+            Err(WorkError::Other(e)) => Err(e.into()),
+        }
+    }
+
+    /// Reads the watermark if not known yet, then lists the raw files past it.
+    async fn scan(&mut self, p: i32) -> Result<(), WorkError> {
+        let topic = self.ctx.config.kafka.topic.clone();
+        let watermark = match self.parts.get(&p).and_then(|ps| ps.watermark) {
+            Some(w) => w,
+            None => read_watermark(&self.ctx, &topic, p).await?,
+        };
+        let raw_prefix = &self.ctx.config.s3.raw_prefix;
+        let from = watermark.map_or(0, |w| w + 1);
+        let marker = keys::start_after_for(raw_prefix, &topic, p, from);
+        let listed = self.ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), Some(&marker)).await?;
+        let queue: VecDeque<RawFileName> = listed
+            .iter()
+            .filter_map(|k| RawFileName::parse(k))
+            .filter(|n| n.topic == topic && n.partition == p && n.first_offset >= from)
+            .collect();
+        if let Some(ps) = self.parts.get_mut(&p) {
+            ps.watermark = Some(watermark);
+            ps.queue = queue;
+            ps.needs_scan = false;
+        }
+        self.report_lag();
+        Ok(())
+    }
+
+    async fn partition_file(&mut self, p: i32, name: RawFileName) -> Result<(), WorkError> {
+        let started = Instant::now();
+        let raw_key = name.key(&self.ctx.config.s3.raw_prefix);
+        let Some(body) = self.ctx.store.get_opt(&raw_key).await? else {
+            // Listed or handed over, now gone: only raw retention outside trstream does that.
+            tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
+            if let Some(ps) = self.parts.get_mut(&p) {
+                ps.needs_scan = true;
+            }
+            return Ok(());
+        };
+        let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
+        let src = name.clone();
+        let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<(String, usize, Vec<u8>)>, String> {
+            let batch = parquet::decode(bytes::Bytes::from(body)).map_err(|e| format!("decoding {src}: {e}"))?;
+            let parts = table::split(&batch).map_err(|e| format!("splitting {src}: {e}"))?;
+            parts
+                .into_iter()
+                .map(|(hive, part)| {
+                    let mut meta = parquet::source_metadata(&src, part.num_rows());
+                    meta.push(::parquet::file::metadata::KeyValue::new(
+                        "trstream.source.raw_file".into(),
+                        src.file_name(),
+                    ));
+                    let bytes = parquet::encode_with(&part, meta, level, rg)
+                        .map_err(|e| format!("encoding {}: {e}", hive.file_key(&src)))?;
+                    Ok((hive.file_key(&src), part.num_rows(), bytes))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("partitioner task failed: {e}")))?
+        .map_err(WorkError::Other)?;
+
+        let (files, mut rows) = (outputs.len(), 0usize);
+        for (i, (key, n, bytes)) in outputs.into_iter().enumerate() {
+            self.ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
+            rows += n;
+            if i == 0 {
+                self.ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput).map_err(WorkError::Other)?;
+            }
+        }
+        self.ctx.faults.check(FaultPoint::PartitionerBeforeWatermark).map_err(WorkError::Other)?;
+        let wm = Watermark {
+            topic: name.topic.clone(),
+            partition: p,
+            last_offset: name.last_offset,
+            raw_file: raw_key,
+            updated_at: chrono::Utc::now().to_rfc3339(),
+        };
+        let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
+        self.ctx.table.put(&table::watermark_key(&name.topic, p), body.into(), "application/json").await?;
+        if let Some(ps) = self.parts.get_mut(&p) {
+            ps.watermark = Some(Some(name.last_offset));
+            if ps.queue.front() == Some(&name) {
+                ps.queue.pop_front();
+            }
+        }
+        self.ctx.stats.partitioned_files.fetch_add(1, Ordering::Relaxed);
+        self.ctx.stats.partitioned_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.ctx.stats.table_files_written.fetch_add(files as u64, Ordering::Relaxed);
+        metrics::counter!(m::PARTITIONER_FILES).increment(1);
+        metrics::counter!(m::PARTITIONER_ROWS).increment(rows as u64);
+        metrics::counter!(m::PARTITIONER_OUTPUT_FILES).increment(files as u64);
+        self.report_lag();
+        tracing::debug!(partition = p, file = %name, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
+        Ok(())
+    }
+
+    fn report_lag(&self) {
+        let lag: usize = self.parts.values().map(|ps| ps.queue.len()).sum();
+        metrics::gauge!(m::PARTITIONER_LAG_FILES).set(lag as f64);
+    }
+}
+
+/// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
+pub async fn read_watermark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    let key = table::watermark_key(topic, partition);
+    match ctx.table.get_opt(&key).await? {
+        None => Ok(None),
+        Some(body) => match serde_json::from_slice::<Watermark>(&body) {
+            Ok(w) => Ok(Some(w.last_offset)),
+            Err(e) => Err(StoreError::Fatal {
+                op: "read watermark",
+                target: key,
+                detail: format!("not a trstream watermark: {e}; fix or delete it"),
+            }),
+        },
+    }
+}
