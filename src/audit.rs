@@ -1,1 +1,636 @@
-//! placeholder
+//! `trstream audit`: the user's proof of I1 and I2 (design §4).
+//!
+//! It reads the source topic from the beginning without committing, the DLQ topic, and every
+//! file of `tb-transactions` (and, with `--raw`, of `raw-data`), then reports per Kafka partition
+//! how many records are valid and invalid, how many valid ones are in the table, and how many are
+//! missing, duplicated or unexpected. A record is identified by (partition, offset) and its
+//! `transaction_id` is checked too. Valid or invalid is decided by the daemon's own validator,
+//! with the message's timestamp standing in for the time it was ingested.
+//!
+//! Memory is bounded by a few bytes per offset: one byte of flags and a 32-bit hash of the
+//! transaction id per record of the log, and one byte per offset the log has already dropped
+//! (retention), so millions of records cost megabytes, and files are read a few at a time with
+//! only the three columns the audit needs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use arrow_array::Array;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::dlq::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
+use crate::lake::keys::{self, RawFileName};
+use crate::lake::{HivePartition, LakeStore, StoreError};
+
+const VALID: u8 = 1;
+const INVALID: u8 = 1 << 1;
+const IN_DLQ: u8 = 1 << 2;
+const LAKE_SHIFT: u8 = 3;
+const RAW_SHIFT: u8 = 5;
+/// Files read concurrently.
+const PARALLEL_FILES: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Also check `raw-data`: every valid record exactly once per Kafka partition.
+    pub raw: bool,
+    /// Bound on reading each topic to its end.
+    pub timeout: Duration,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions { raw: false, timeout: Duration::from_secs(120), progress: false }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading {key}: {detail}")]
+    File { key: String, detail: String },
+}
+
+/// The counts of one Kafka partition (or of all, in `total`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Records in the topic (from the log start to its end).
+    pub records: u64,
+    pub valid: u64,
+    pub invalid: u64,
+    /// Valid records found in the table (at least once).
+    pub in_lake: u64,
+    /// Invalid records found in the DLQ (at least once).
+    pub in_dlq: u64,
+    /// Valid records not in the table, plus invalid records not in the DLQ.
+    pub missing: u64,
+    /// Records found more than once in the table.
+    pub duplicated: u64,
+    /// Table rows matching no valid record: an invalid record, an offset past the log end, or a
+    /// transaction_id that differs from the record's.
+    pub unexpected: u64,
+    /// Table rows of offsets the log no longer holds (retention): only checked for duplicates.
+    pub before_log_start: u64,
+    /// With `--raw`: valid records missing from raw-data, and records there more than once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_missing: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_duplicated: Option<u64>,
+}
+
+impl Counts {
+    fn add(&mut self, o: &Counts) {
+        self.records += o.records;
+        self.valid += o.valid;
+        self.invalid += o.invalid;
+        self.in_lake += o.in_lake;
+        self.in_dlq += o.in_dlq;
+        self.missing += o.missing;
+        self.duplicated += o.duplicated;
+        self.unexpected += o.unexpected;
+        self.before_log_start += o.before_log_start;
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        self.raw_missing = sum(self.raw_missing, o.raw_missing);
+        self.raw_duplicated = sum(self.raw_duplicated, o.raw_duplicated);
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionReport {
+    pub partition: i32,
+    pub log_start: i64,
+    pub log_end: i64,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    pub topic: String,
+    pub dlq_topic: String,
+    pub table_bucket: String,
+    pub partitions: Vec<PartitionReport>,
+    pub total: Counts,
+    /// Table files read, and rows in them.
+    pub table_files: u64,
+    pub table_rows: u64,
+    /// Rows of the table by UTC day (`YYYY-MM-DD`) and transaction type, as the Hive paths say.
+    pub rows_by_day_and_type: BTreeMap<String, BTreeMap<String, u64>>,
+    pub clean: bool,
+}
+
+impl AuditReport {
+    /// The human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let raw = self.total.raw_missing.is_some();
+        out.push_str(&format!(
+            "{:>9} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>16}{}\n",
+            "partition",
+            "records",
+            "valid",
+            "invalid",
+            "in_lake",
+            "in_dlq",
+            "missing",
+            "duplicated",
+            "unexpected",
+            "before_log_start",
+            if raw { "  raw_missing raw_duplicated" } else { "" }
+        ));
+        let row = |label: String, c: &Counts| {
+            let raw_cols = match (c.raw_missing, c.raw_duplicated) {
+                (Some(m), Some(d)) => format!(" {m:>12} {d:>14}"),
+                _ => String::new(),
+            };
+            format!(
+                "{label:>9} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>16}{raw_cols}\n",
+                c.records,
+                c.valid,
+                c.invalid,
+                c.in_lake,
+                c.in_dlq,
+                c.missing,
+                c.duplicated,
+                c.unexpected,
+                c.before_log_start
+            )
+        };
+        for p in &self.partitions {
+            out.push_str(&row(p.partition.to_string(), &p.counts));
+        }
+        out.push_str(&row("total".into(), &self.total));
+        out.push_str(&format!("\n{} table files, {} rows\n", self.table_files, self.table_rows));
+        out.push_str(if self.clean {
+            "result: CLEAN: every valid transaction is in the table exactly once and every invalid one is in the DLQ\n"
+        } else {
+            "result: MISMATCH: see missing, duplicated and unexpected above\n"
+        });
+        out
+    }
+}
+
+/// One Kafka partition's flags, indexed by offset.
+struct PartitionBook {
+    log_start: i64,
+    log_end: i64,
+    flags: Vec<u8>,
+    id_hash: Vec<u32>,
+    /// Table (low 2 bits) and raw (next 2 bits) counts of offsets below `log_start`.
+    before: Vec<u8>,
+    unexpected: u64,
+}
+
+impl PartitionBook {
+    fn new(log_start: i64, log_end: i64) -> Self {
+        let n = (log_end - log_start).max(0) as usize;
+        PartitionBook {
+            log_start,
+            log_end,
+            flags: vec![0; n],
+            id_hash: vec![0; n],
+            before: vec![0; log_start.max(0) as usize],
+            unexpected: 0,
+        }
+    }
+
+    fn bump(byte: &mut u8, shift: u8) {
+        let c = (*byte >> shift) & 3;
+        if c < 3 {
+            *byte = (*byte & !(3 << shift)) | ((c + 1) << shift);
+        }
+    }
+
+    /// A row found in the table (`shift` = LAKE_SHIFT) or raw-data (RAW_SHIFT).
+    fn found(&mut self, offset: i64, id_hash: u32, shift: u8) {
+        if offset < 0 {
+            self.unexpected += 1;
+        } else if offset < self.log_start {
+            Self::bump(&mut self.before[offset as usize], if shift == LAKE_SHIFT { 0 } else { 2 });
+        } else if offset >= self.log_end {
+            self.unexpected += 1;
+        } else {
+            let i = (offset - self.log_start) as usize;
+            if self.flags[i] & VALID == 0 || self.id_hash[i] != id_hash {
+                self.unexpected += 1;
+            } else {
+                Self::bump(&mut self.flags[i], shift);
+            }
+        }
+    }
+
+    fn counts(&self, raw: bool) -> Counts {
+        let mut c = Counts { unexpected: self.unexpected, records: self.flags.len() as u64, ..Counts::default() };
+        let (mut raw_missing, mut raw_dup) = (0, 0);
+        for &f in &self.flags {
+            let lake = (f >> LAKE_SHIFT) & 3;
+            let rawc = (f >> RAW_SHIFT) & 3;
+            if f & VALID != 0 {
+                c.valid += 1;
+                if lake > 0 {
+                    c.in_lake += 1;
+                } else {
+                    c.missing += 1;
+                }
+                if rawc == 0 {
+                    raw_missing += 1;
+                }
+            } else if f & INVALID != 0 {
+                c.invalid += 1;
+                if f & IN_DLQ != 0 {
+                    c.in_dlq += 1;
+                } else {
+                    c.missing += 1;
+                }
+            }
+            if lake > 1 {
+                c.duplicated += 1;
+            }
+            if rawc > 1 {
+                raw_dup += 1;
+            }
+        }
+        for &b in &self.before {
+            let (lake, rawc) = (b & 3, (b >> 2) & 3);
+            c.before_log_start += u64::from(lake.min(1));
+            if lake > 1 {
+                c.duplicated += 1;
+            }
+            if rawc > 1 {
+                raw_dup += 1;
+            }
+        }
+        if raw {
+            c.raw_missing = Some(raw_missing);
+            c.raw_duplicated = Some(raw_dup);
+        }
+        c
+    }
+}
+
+fn id_hash(id: &str) -> u32 {
+    let mut h = std::hash::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish() as u32
+}
+
+fn consumer(config: &Config) -> Result<BaseConsumer, AuditError> {
+    let mut c = crate::pipeline::kafka_base_config(config);
+    c.set("group.id", format!("trstream-audit-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    c.create().map_err(|e| AuditError::Kafka(format!("creating a consumer: {e}")))
+}
+
+/// `(partition, log start, log end)` of every partition of `topic`.
+fn log_bounds(c: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<(i32, i64, i64)>, AuditError> {
+    let md = c.fetch_metadata(Some(topic), timeout).map_err(|e| AuditError::Kafka(format!("metadata of {topic}: {e}")))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| AuditError::Kafka(format!("topic {topic} not found")))?;
+    if let Some(e) = t.error() {
+        return Err(AuditError::Kafka(format!("topic {topic}: {e:?}")));
+    }
+    let mut out = Vec::new();
+    for p in t.partitions() {
+        let (lo, hi) = c
+            .fetch_watermarks(topic, p.id(), timeout)
+            .map_err(|e| AuditError::Kafka(format!("offsets of {topic}/{}: {e}", p.id())))?;
+        out.push((p.id(), lo, hi));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads every partition of `topic` from its start to the end it had when the read began.
+fn read_topic(
+    c: &BaseConsumer,
+    topic: &str,
+    bounds: &[(i32, i64, i64)],
+    timeout: Duration,
+    progress: bool,
+    mut each: impl FnMut(i32, &rdkafka::message::BorrowedMessage<'_>),
+) -> Result<u64, AuditError> {
+    let mut tpl = TopicPartitionList::new();
+    let mut left: HashMap<i32, i64> = HashMap::new();
+    for &(p, lo, hi) in bounds {
+        if hi > lo {
+            tpl.add_partition_offset(topic, p, Offset::Offset(lo)).map_err(|e| AuditError::Kafka(e.to_string()))?;
+            left.insert(p, hi);
+        }
+    }
+    if left.is_empty() {
+        return Ok(0);
+    }
+    c.assign(&tpl).map_err(|e| AuditError::Kafka(format!("assigning {topic}: {e}")))?;
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut read = 0u64;
+    // Every message resets the clock: a slow broker is fine, a silent one is an error.
+    let mut last_message = Instant::now();
+    while !left.is_empty() {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last_message = Instant::now();
+                let p = m.partition();
+                if let Some(&end) = left.get(&p) {
+                    if m.offset() < end {
+                        each(p, &m);
+                        read += 1;
+                    }
+                    if m.offset() + 1 >= end {
+                        left.remove(&p);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(AuditError::Kafka(format!("reading {topic}: {e}"))),
+            None => {
+                if last_message.elapsed() > timeout {
+                    let mut parts: Vec<i32> = left.keys().copied().collect();
+                    parts.sort();
+                    return Err(AuditError::Kafka(format!(
+                        "reading {topic}: partitions {parts:?} returned nothing for {} before reaching their end",
+                        humantime::format_duration(timeout)
+                    )));
+                }
+            }
+        }
+        if progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            eprintln!("audit: {read} records of {topic} read ({:.0?})", started.elapsed());
+        }
+    }
+    let _ = c.unassign();
+    Ok(read)
+}
+
+fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
+    let h = m.headers()?;
+    h.iter().find(|h| h.key == name).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// One lake file's rows: (partition, offset, id hash).
+type FileRows = Vec<(i32, i64, u32)>;
+
+fn file_rows(key: &str, body: Vec<u8>) -> Result<FileRows, AuditError> {
+    let err = |e: &dyn std::fmt::Display| AuditError::File { key: key.to_string(), detail: e.to_string() };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body)).map_err(|e| err(&e))?;
+    let schema = builder.parquet_schema();
+    let wanted = ["transaction_id", "kafka_partition", "kafka_offset"];
+    let indices: Vec<usize> =
+        (0..schema.num_columns()).filter(|&i| wanted.contains(&schema.column(i).name())).collect();
+    if indices.len() != 3 {
+        return Err(err(&"not a trstream file (columns transaction_id, kafka_partition, kafka_offset expected)"));
+    }
+    let mask = ProjectionMask::leaves(schema, indices);
+    let reader = builder.with_projection(mask).with_batch_size(64 * 1024).build().map_err(|e| err(&e))?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| err(&e))?;
+        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| err(&format!("no column {name}")));
+        let ids = col("transaction_id")?.as_string::<i32>().clone();
+        let parts = col("kafka_partition")?.as_primitive::<Int32Type>().clone();
+        let offs = col("kafka_offset")?.as_primitive::<Int64Type>().clone();
+        for i in 0..batch.num_rows() {
+            let id = if ids.is_null(i) { "" } else { ids.value(i) };
+            rows.push((parts.value(i), offs.value(i), id_hash(id)));
+        }
+    }
+    Ok(rows)
+}
+
+/// Reads `keys` of `store` a few at a time, handing each file's rows to `each`.
+async fn read_files(
+    store: &LakeStore,
+    keys: Vec<String>,
+    progress: bool,
+    mut each: impl FnMut(&str, FileRows),
+) -> Result<(), AuditError> {
+    let total = keys.len();
+    let mut pending = keys.into_iter();
+    let mut set = tokio::task::JoinSet::new();
+    let (mut done, mut last_progress) = (0usize, Instant::now());
+    loop {
+        while set.len() < PARALLEL_FILES {
+            let Some(key) = pending.next() else { break };
+            let store = store.clone();
+            set.spawn(async move {
+                let body = store.get(&key).await?;
+                let k = key.clone();
+                let rows = tokio::task::spawn_blocking(move || file_rows(&k, body))
+                    .await
+                    .map_err(|e| AuditError::File { key: key.clone(), detail: e.to_string() })??;
+                Ok::<_, AuditError>((key, rows))
+            });
+        }
+        let Some(res) = set.join_next().await else { break };
+        let (key, rows) = res.map_err(|e| AuditError::File { key: "?".into(), detail: e.to_string() })??;
+        each(&key, rows);
+        done += 1;
+        if progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            eprintln!("audit: {done}/{total} files of {} read", store.bucket());
+        }
+    }
+    Ok(())
+}
+
+/// Runs the audit against the Kafka cluster and the lake of `config`.
+pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, AuditError> {
+    let topic = config.kafka.topic.clone();
+    let dlq_topic = config.kafka.dlq_topic.clone();
+    let validator = config.validator();
+    let (cfg, o) = (config.clone(), opts.clone());
+
+    // 1. The source topic and the DLQ, on a blocking thread (librdkafka polls block).
+    let (mut books, bounds) = tokio::task::spawn_blocking(move || -> Result<_, AuditError> {
+        let c = consumer(&cfg)?;
+        let bounds = log_bounds(&c, &cfg.kafka.topic, cfg.kafka.request_timeout)?;
+        let mut books: BTreeMap<i32, PartitionBook> =
+            bounds.iter().map(|&(p, lo, hi)| (p, PartitionBook::new(lo, hi))).collect();
+        read_topic(&c, &cfg.kafka.topic, &bounds, o.timeout, o.progress, |p, m| {
+            let Some(book) = books.get_mut(&p) else { return };
+            let i = (m.offset() - book.log_start) as usize;
+            let now_us = m.timestamp().to_millis().map_or_else(|| chrono::Utc::now().timestamp_micros(), |ms| ms * 1000);
+            match validator.validate(m.payload(), now_us) {
+                Ok(t) => {
+                    book.flags[i] |= VALID;
+                    book.id_hash[i] = id_hash(&t.transaction_id);
+                }
+                Err(_) => book.flags[i] |= INVALID,
+            }
+        })?;
+        let dlq_bounds = log_bounds(&c, &cfg.kafka.dlq_topic, cfg.kafka.request_timeout)?;
+        read_topic(&c, &cfg.kafka.dlq_topic, &dlq_bounds, o.timeout, o.progress, |_, m| {
+            if header(m, HEADER_SOURCE_TOPIC) != Some(cfg.kafka.topic.as_str()) {
+                return;
+            }
+            let p = header(m, HEADER_SOURCE_PARTITION).and_then(|v| v.parse::<i32>().ok());
+            let off = header(m, HEADER_SOURCE_OFFSET).and_then(|v| v.parse::<i64>().ok());
+            if let (Some(p), Some(off)) = (p, off)
+                && let Some(book) = books.get_mut(&p)
+                && (book.log_start..book.log_end).contains(&off)
+            {
+                book.flags[(off - book.log_start) as usize] |= IN_DLQ;
+            }
+        })?;
+        Ok((books, bounds))
+    })
+    .await
+    .map_err(|e| AuditError::Kafka(format!("reader thread failed: {e}")))??;
+
+    // 2. The table.
+    let table = LakeStore::new(&config.s3, &config.s3.table_bucket);
+    let keys: Vec<String> = table
+        .list_keys("year=", None)
+        .await?
+        .into_iter()
+        .filter(|k| HivePartition::parse_key(k).is_some_and(|(_, n)| n.topic == topic))
+        .collect();
+    let table_files = keys.len() as u64;
+    let mut table_rows = 0u64;
+    let mut by_day: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut unknown_partition = 0u64;
+    read_files(&table, keys, opts.progress, |key, rows| {
+        if let Some((h, _)) = HivePartition::parse_key(key) {
+            let day = format!("{:04}-{:02}-{:02}", h.year, h.month, h.day);
+            *by_day.entry(day).or_default().entry(h.transaction_type).or_default() += rows.len() as u64;
+        }
+        table_rows += rows.len() as u64;
+        for (p, off, h) in rows {
+            match books.get_mut(&p) {
+                Some(b) => b.found(off, h, LAKE_SHIFT),
+                None => unknown_partition += 1,
+            }
+        }
+    })
+    .await?;
+
+    // 3. Optionally raw-data.
+    if opts.raw {
+        let raw = LakeStore::new(&config.s3, &config.s3.raw_bucket);
+        let mut keys = Vec::new();
+        for &(p, _, _) in &bounds {
+            let prefix = keys::partition_prefix(&config.s3.raw_prefix, p);
+            keys.extend(
+                raw.list_keys(&prefix, None)
+                    .await?
+                    .into_iter()
+                    .filter(|k| RawFileName::parse(k).is_some_and(|n| n.topic == topic)),
+            );
+        }
+        read_files(&raw, keys, opts.progress, |_, rows| {
+            for (p, off, h) in rows {
+                if let Some(b) = books.get_mut(&p) {
+                    b.found(off, h, RAW_SHIFT);
+                }
+            }
+        })
+        .await?;
+    }
+
+    let mut total = Counts::default();
+    let partitions: Vec<PartitionReport> = books
+        .iter()
+        .map(|(&p, b)| {
+            let counts = b.counts(opts.raw);
+            total.add(&counts);
+            PartitionReport { partition: p, log_start: b.log_start, log_end: b.log_end, counts }
+        })
+        .collect();
+    total.unexpected += unknown_partition;
+    let clean = total.missing == 0
+        && total.duplicated == 0
+        && total.unexpected == 0
+        && total.raw_missing.unwrap_or(0) == 0
+        && total.raw_duplicated.unwrap_or(0) == 0;
+    Ok(AuditReport {
+        topic,
+        dlq_topic,
+        table_bucket: config.s3.table_bucket.clone(),
+        partitions,
+        total,
+        table_files,
+        table_rows,
+        rows_by_day_and_type: by_day,
+        clean,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn book_counts_missing_duplicated_unexpected_and_retention() {
+        let mut b = PartitionBook::new(2, 8);
+        // offsets 2..8: valid 2,3,4,5; invalid 6 (in the DLQ), 7 (not).
+        for (i, off) in (2..6).enumerate() {
+            b.flags[(off - 2) as usize] |= VALID;
+            b.id_hash[(off - 2) as usize] = i as u32 + 10;
+        }
+        b.flags[4] |= INVALID | IN_DLQ;
+        b.flags[5] |= INVALID;
+        b.found(2, 10, LAKE_SHIFT);
+        b.found(3, 11, LAKE_SHIFT);
+        b.found(3, 11, LAKE_SHIFT); // duplicate
+        b.found(4, 99, LAKE_SHIFT); // wrong id: unexpected, and offset 4 stays missing
+        b.found(6, 0, LAKE_SHIFT); // an invalid record in the lake
+        b.found(9, 0, LAKE_SHIFT); // past the end
+        b.found(0, 0, LAKE_SHIFT); // before the log start, twice
+        b.found(0, 0, LAKE_SHIFT);
+        b.found(1, 0, LAKE_SHIFT);
+        for off in [2, 3, 4] {
+            b.found(off, off as u32 + 8, RAW_SHIFT);
+        }
+        let c = b.counts(true);
+        assert_eq!(
+            c,
+            Counts {
+                records: 6,
+                valid: 4,
+                invalid: 2,
+                in_lake: 2,
+                in_dlq: 1,
+                missing: 3, // 4 and 5 not in the table, 7 not in the DLQ
+                duplicated: 2, // offset 3, and offset 0 before the log start
+                unexpected: 3,
+                before_log_start: 2,
+                raw_missing: Some(1),
+                raw_duplicated: Some(0),
+            }
+        );
+    }
+
+    #[test]
+    fn counts_saturate_instead_of_wrapping() {
+        let mut b = PartitionBook::new(0, 1);
+        b.flags[0] |= VALID;
+        for _ in 0..10 {
+            b.found(0, 0, LAKE_SHIFT);
+        }
+        let c = b.counts(false);
+        assert_eq!((c.in_lake, c.duplicated, c.raw_missing), (1, 1, None));
+    }
+}

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::lake::keys::RawFileName;
 use crate::lake::parquet;
 use crate::lake::table::{self, CompactionIntent, MergePlan};
 use crate::lake::{HivePartition, WorkError};
@@ -168,7 +167,7 @@ impl CompactorState {
             }
         }
         let listed = self.ctx.table.list_objects("year=", None).await?;
-        let mut groups: BTreeMap<(HivePartition, i32), Vec<(RawFileName, String, u64)>> = BTreeMap::new();
+        let mut groups: BTreeMap<(HivePartition, i32), Vec<table::TableFile>> = BTreeMap::new();
         let (mut files, mut small) = (0u64, 0u64);
         for o in listed {
             let Some((hive, name)) = HivePartition::parse_key(&o.key) else { continue };

@@ -36,6 +36,13 @@ pub struct DemoArgs {
     /// Flush age of the daemon (how soon files appear).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub flush_age: Duration,
+    /// Time between compaction passes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub compact_every: Duration,
+    /// After the summary, keep the embedded Kafka and S3 up (until Ctrl-C) so that
+    /// `trstream audit` or any Kafka/S3 client can be pointed at them.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 fn lag(progress: &ProduceProgress, stats: &Stats) -> i64 {
@@ -45,30 +52,35 @@ fn lag(progress: &ProduceProgress, stats: &Stats) -> i64 {
 
 fn line(started: Instant, progress: &ProduceProgress, stats: &Stats) -> String {
     format!(
-        "[{:>5.1}s] produced {:>8}  consumed {:>8}  rows in lake {:>8}  files {:>4}  DLQ {:>6}  commit lag {:>7}",
+        "[{:>5.1}s] produced {:>8}  raw rows {:>8} in {:>4} files  DLQ {:>6}  lag {:>7}  partitioned {:>8} rows  merges {:>4}",
         started.elapsed().as_secs_f64(),
         progress.acked.load(Ordering::Relaxed),
-        Stats::get(&stats.consumed),
         Stats::get(&stats.written),
         Stats::get(&stats.files),
         Stats::get(&stats.invalid),
         lag(progress, stats),
+        Stats::get(&stats.partitioned_rows),
+        Stats::get(&stats.compactions),
     )
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let raw = args.lake.join("raw-data");
-    if raw.exists() {
-        // The embedded Kafka starts empty each run, so offsets restart at 0: files of an earlier
-        // run would be taken for this run's (the recovery scan would adopt them).
-        eprintln!("clearing {} (the embedded Kafka starts empty on every run)", raw.display());
-        std::fs::remove_dir_all(&raw)?;
+    let config_base = Config::default();
+    let raw = args.lake.join(&config_base.s3.raw_bucket);
+    let table = args.lake.join(&config_base.s3.table_bucket);
+    for dir in [&raw, &table] {
+        if dir.exists() {
+            // The embedded Kafka starts empty each run, so offsets restart at 0: files of an
+            // earlier run would be taken for this run's (the recovery scan would adopt them).
+            eprintln!("clearing {} (the embedded Kafka starts empty on every run)", dir.display());
+            std::fs::remove_dir_all(dir)?;
+        }
     }
     std::fs::create_dir_all(&args.lake)?;
-    let config_base = Config::default();
     let kafka =
         EmbeddedKafka::start(1, &[(&config_base.kafka.topic, args.partitions), (&config_base.kafka.dlq_topic, 1)])?;
-    let s3 = EmbeddedS3::start(&args.lake, 0, &["raw-data"]).await?;
+    let s3 =
+        EmbeddedS3::start(&args.lake, 0, &[&config_base.s3.raw_bucket, &config_base.s3.table_bucket]).await?;
     eprintln!("embedded Kafka at {}, S3 (s3s-fs over {}) at {}", kafka.bootstrap, s3.root.display(), s3.endpoint);
 
     let mut config = config_base;
@@ -76,8 +88,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     s3.configure(&mut config.s3);
     config.s3.create_bucket = true;
     config.flush.max_age = args.flush_age;
+    config.compactor.interval = args.compact_every;
+    // Small enough that a minute of demo shows merges.
+    config.compactor.min_files = 4;
     config.http.listen = args.http_listen.clone();
     config.validate()?;
+    let audit_config = config.clone();
     let oversize = config.validation.max_record_bytes + 1;
     let mut pipeline = crate::start(config, Arc::new(crate::Faults::default())).await?;
     if let Some(addr) = pipeline.http_addr {
@@ -95,7 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         generator: GenOptions {
             invalid_ratio: args.invalid_ratio,
             oversize_bytes: oversize,
-            seed: rand_seed(),
+            seed: crate::produce::time_seed(),
             ..Default::default()
         },
         properties: Vec::new(),
@@ -160,17 +176,49 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
              never half-written (a restarted daemon would resume at the committed offsets)"
         );
     }
-    let glob = raw.join("**").join("*.parquet");
     eprintln!(
-        "query it: duckdb -c \"SELECT transaction_type, count(*), sum(amount) FROM read_parquet('{}') GROUP BY 1\"",
+        "table: {} raw files partitioned into {} files ({} rows); {} merges replaced {} files ({:.1} MiB → {:.1} MiB); {} lake actor restarts",
+        Stats::get(&stats.partitioned_files),
+        Stats::get(&stats.table_files_written),
+        Stats::get(&stats.partitioned_rows),
+        Stats::get(&stats.compactions),
+        Stats::get(&stats.compacted_files),
+        Stats::get(&stats.compaction_bytes_before) as f64 / 1048576.0,
+        Stats::get(&stats.compaction_bytes_after) as f64 / 1048576.0,
+        Stats::get(&stats.lake_restarts),
+    );
+
+    eprintln!("\nauditing (topic, DLQ and tb-transactions):");
+    let opts = crate::audit::AuditOptions { progress: false, ..Default::default() };
+    let clean = match crate::audit::audit(&audit_config, &opts).await {
+        Ok(report) => {
+            eprint!("{}", report.to_table());
+            report.clean
+        }
+        Err(e) => {
+            eprintln!("audit failed: {e}");
+            false
+        }
+    };
+    let glob = table.join("year=*").join("**").join("*.parquet");
+    eprintln!(
+        "\nquery it: duckdb -c \"SELECT year, month, day, transaction_type, count(*), sum(amount) FROM read_parquet('{}', hive_partitioning = true) GROUP BY ALL ORDER BY ALL\"",
         glob.display()
     );
+    if args.hold {
+        eprintln!(
+            "\nholding the embedded Kafka and S3 up until Ctrl-C; audit again with:\n  trstream audit --brokers {} --s3-endpoint {} --set s3.access_key_id={} --set s3.secret_access_key={}",
+            kafka.bootstrap,
+            s3.endpoint,
+            crate::embedded::ACCESS_KEY,
+            crate::embedded::SECRET_KEY
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
     drop(s3);
     drop(kafka);
+    if !clean {
+        anyhow::bail!("the audit did not come out clean");
+    }
     Ok(())
-}
-
-fn rand_seed() -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    now.as_nanos() as u64
 }

@@ -27,10 +27,37 @@ enum Command {
     Demo(trstream::demo::DemoArgs),
     /// End-to-end throughput and peak memory on the embedded infrastructure.
     Bench(trstream::bench::BenchArgs),
+    /// Reconcile the topic, the DLQ and the lake: missing, duplicated, unexpected transactions.
+    Audit(AuditArgs),
 }
 
 #[derive(Args)]
 struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print the effective configuration (secret redacted) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print the report as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also check raw-data: every valid transaction exactly once per Kafka partition.
+    #[arg(long)]
+    raw: bool,
+    /// Give up on a topic that returns nothing for this long before its end is reached.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    timeout: Duration,
+}
+
+/// Where the configuration comes from: the same sources and flags for `run` and `audit`.
+#[derive(Args)]
+struct ConfigArgs {
     /// TOML configuration file; every key can also be set by TRSTREAM_<SECTION>_<KEY>.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -52,9 +79,25 @@ struct RunArgs {
     /// Shorthand for --set http.listen=…
     #[arg(long)]
     http_listen: Option<String>,
-    /// Print the effective configuration (secret redacted) and exit.
-    #[arg(long)]
-    print_config: bool,
+}
+
+impl ConfigArgs {
+    fn load(self) -> Result<Config, trstream::config::ConfigError> {
+        let mut overrides = Vec::new();
+        for (key, v) in [
+            ("kafka.brokers", &self.brokers),
+            ("kafka.topic", &self.topic),
+            ("kafka.group_id", &self.group_id),
+            ("s3.endpoint", &self.s3_endpoint),
+            ("http.listen", &self.http_listen),
+        ] {
+            if let Some(v) = v {
+                overrides.push(format!("{key}={v:?}"));
+            }
+        }
+        overrides.extend(self.overrides);
+        Config::load(&Sources { file: self.config, env: std::env::vars().collect(), overrides })
+    }
 }
 
 #[derive(Args)]
@@ -125,7 +168,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and the benchmark draw a progress line; only warnings may interrupt it.
     init_tracing(match cli.command {
-        Command::Demo(_) | Command::Bench(_) => "warn",
+        Command::Demo(_) | Command::Bench(_) | Command::Audit(_) => "warn",
         _ => "info,librdkafka=warn,rdkafka=warn",
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -134,6 +177,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => produce(args),
         Command::Demo(args) => rt.block_on(trstream::demo::run(args)),
         Command::Bench(args) => rt.block_on(trstream::bench::run(args)),
+        Command::Audit(args) => rt.block_on(audit(args)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,25 +189,32 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut overrides = Vec::new();
-    for (key, v) in [
-        ("kafka.brokers", &args.brokers),
-        ("kafka.topic", &args.topic),
-        ("kafka.group_id", &args.group_id),
-        ("s3.endpoint", &args.s3_endpoint),
-        ("http.listen", &args.http_listen),
-    ] {
-        if let Some(v) = v {
-            overrides.push(format!("{key}={v:?}"));
-        }
-    }
-    overrides.extend(args.overrides);
-    let config = Config::load(&Sources { file: args.config, env: std::env::vars().collect(), overrides })?;
+    let config = args.config.load()?;
     if args.print_config {
         print!("{config}");
         return Ok(());
     }
     trstream::run(config, shutdown_signal()).await
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let config = args.config.load()?;
+    let opts = trstream::audit::AuditOptions { raw: args.raw, timeout: args.timeout, progress: true };
+    let report = trstream::audit::audit(&config, &opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !report.clean {
+        anyhow::bail!(
+            "audit found {} missing, {} duplicated and {} unexpected transactions",
+            report.total.missing + report.total.raw_missing.unwrap_or(0),
+            report.total.duplicated + report.total.raw_duplicated.unwrap_or(0),
+            report.total.unexpected
+        );
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -201,10 +252,7 @@ fn produce(a: ProduceArgs) -> anyhow::Result<()> {
             country: a.country,
             invalid_ratio: a.invalid_ratio,
             oversize_bytes: a.oversize_bytes,
-            seed: a.seed.unwrap_or_else(|| {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                now.as_nanos() as u64 ^ u64::from(std::process::id())
-            }),
+            seed: a.seed.unwrap_or_else(trstream::produce::time_seed),
             ..GenOptions::default()
         },
         properties: Vec::new(),

@@ -454,3 +454,9 @@ mod tests {
         }
     }
 }
+
+/// A seed from the clock, for runs that need not be reproducible.
+pub fn time_seed() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    now.as_nanos() as u64 ^ u64::from(std::process::id())
+}

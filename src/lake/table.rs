@@ -141,12 +141,15 @@ pub fn split(batch: &RecordBatch) -> Result<Vec<(HivePartition, RecordBatch)>, a
         .collect()
 }
 
+/// A table file as listed: its source name, key and size in bytes.
+pub type TableFile = (RawFileName, String, u64);
+
 /// One merge: consecutive small files of one Hive partition and one Kafka partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergePlan {
     pub hive: HivePartition,
     /// Inputs in offset order: (name, key, size).
-    pub inputs: Vec<(RawFileName, String, u64)>,
+    pub inputs: Vec<TableFile>,
 }
 
 impl MergePlan {
@@ -179,7 +182,7 @@ impl MergePlan {
 /// A merge has at least two inputs.
 pub fn plan_merges(
     hive: &HivePartition,
-    mut files: Vec<(RawFileName, String, u64)>,
+    mut files: Vec<TableFile>,
     small_bytes: u64,
     target_bytes: u64,
     min_files: usize,
@@ -189,7 +192,7 @@ pub fn plan_merges(
         return Vec::new();
     }
     let mut plans = Vec::new();
-    let mut current: Vec<(RawFileName, String, u64)> = Vec::new();
+    let mut current: Vec<TableFile> = Vec::new();
     let mut size = 0u64;
     let mut close = |current: &mut Vec<_>, size: &mut u64| {
         if current.len() >= 2 {
