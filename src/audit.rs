@@ -303,7 +303,8 @@ fn consumer(config: &Config) -> Result<BaseConsumer, AuditError> {
 
 /// `(partition, log start, log end)` of every partition of `topic`.
 fn log_bounds(c: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<(i32, i64, i64)>, AuditError> {
-    let md = c.fetch_metadata(Some(topic), timeout).map_err(|e| AuditError::Kafka(format!("metadata of {topic}: {e}")))?;
+    let md =
+        c.fetch_metadata(Some(topic), timeout).map_err(|e| AuditError::Kafka(format!("metadata of {topic}: {e}")))?;
     let t = md
         .topics()
         .iter()
@@ -472,7 +473,8 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
         read_topic(&c, &cfg.kafka.topic, &bounds, o.timeout, o.progress, |p, m| {
             let Some(book) = books.get_mut(&p) else { return };
             let i = (m.offset() - book.log_start) as usize;
-            let now_us = m.timestamp().to_millis().map_or_else(|| chrono::Utc::now().timestamp_micros(), |ms| ms * 1000);
+            let now_us =
+                m.timestamp().to_millis().map_or_else(|| chrono::Utc::now().timestamp_micros(), |ms| ms * 1000);
             match validator.validate(m.payload(), now_us) {
                 Ok(t) => {
                     book.flags[i] |= VALID;
@@ -613,7 +615,7 @@ mod tests {
                 invalid: 2,
                 in_lake: 2,
                 in_dlq: 1,
-                missing: 3, // 4 and 5 not in the table, 7 not in the DLQ
+                missing: 3,    // 4 and 5 not in the table, 7 not in the DLQ
                 duplicated: 2, // offset 3, and offset 0 before the log start
                 unexpected: 3,
                 before_log_start: 2,

@@ -118,7 +118,9 @@ impl Actor for Compactor {
                 };
                 state.outcome(res)?;
                 match state.retry_at {
-                    Some(t) => myself.send_after(t.saturating_duration_since(Instant::now()), || CompactorMsg::Continue),
+                    Some(t) => {
+                        myself.send_after(t.saturating_duration_since(Instant::now()), || CompactorMsg::Continue)
+                    }
                     None => {
                         let _ = myself.cast(CompactorMsg::Continue);
                         return Ok(());
@@ -156,7 +158,8 @@ impl CompactorState {
     async fn plan_pass(&mut self) -> Result<(), WorkError> {
         let cfg = &self.ctx.config.compactor;
         let topic = self.ctx.config.kafka.topic.clone();
-        let owned: Vec<i32> = self.ctx.owned_partitions().into_iter().filter(|p| !self.to_recover.contains(p)).collect();
+        let owned: Vec<i32> =
+            self.ctx.owned_partitions().into_iter().filter(|p| !self.to_recover.contains(p)).collect();
         if owned.is_empty() {
             return Ok(());
         }
@@ -207,7 +210,7 @@ impl CompactorState {
         let started = Instant::now();
         let topic = &self.ctx.config.kafka.topic;
         let output_key = plan.output_key();
-        let intent_key = table::intent_key(topic, p, &output_key);
+        let intent_key = table::intent_key(topic, &plan.hive, &plan.output_name());
         let intent = CompactionIntent {
             output: output_key.clone(),
             inputs: plan.inputs.iter().map(|i| i.1.clone()).collect(),

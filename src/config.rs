@@ -564,7 +564,10 @@ impl Config {
             return err("compactor.interval", "must be greater than 0s".into());
         }
         if self.compactor.min_files < 2 {
-            return err("compactor.min_files", format!("{} must be at least 2 (merging one file gains nothing)", self.compactor.min_files));
+            return err(
+                "compactor.min_files",
+                format!("{} must be at least 2 (merging one file gains nothing)", self.compactor.min_files),
+            );
         }
         if self.compactor.small_file_bytes == 0 || self.compactor.small_file_bytes > self.compactor.target_file_bytes {
             return err(
@@ -576,7 +579,11 @@ impl Config {
             );
         }
         if self.compactor.enabled && !self.partitioner.enabled {
-            return err("compactor.enabled", "the compactor only merges files the partitioner has finished with; enable partitioner.enabled too".into());
+            return err(
+                "compactor.enabled",
+                "the compactor only merges files the partitioner has finished with; enable partitioner.enabled too"
+                    .into(),
+            );
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return err("http.listen", format!("{:?} is not an address like 0.0.0.0:9464", self.http.listen));

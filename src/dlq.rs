@@ -43,8 +43,12 @@ pub struct DlqProducer {
 
 impl DlqProducer {
     pub fn new(base: &ClientConfig, topic: &str, source_topic: &str) -> Result<DlqProducer, DlqError> {
-        let producer: FutureProducer = base
-            .clone()
+        let mut config = base.clone();
+        if config.get("compression.type").is_none() {
+            // Dead letters include oversized records: compressing them keeps the DLQ small.
+            config.set("compression.type", "lz4");
+        }
+        let producer: FutureProducer = config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")

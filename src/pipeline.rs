@@ -24,13 +24,13 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
+use crate::compactor::{Compactor, CompactorMsg};
 use crate::config::Config;
 use crate::consumer_driver::{self, DriverCmd, DriverContext};
 use crate::dlq::DlqProducer;
-use crate::compactor::{Compactor, CompactorMsg};
 use crate::lake::{LakeStore, RawFileName};
-use crate::partitioner::{Partitioner, PartitionerMsg};
 use crate::metrics::{self as m, Health, Stats};
+use crate::partitioner::{Partitioner, PartitionerMsg};
 use crate::record::Validator;
 
 pub type Consumer = BaseConsumer<DriverContext>;
@@ -188,20 +188,23 @@ impl PipelineCtx {
         let timeout = self.config.shutdown.drain_timeout.as_millis() as u64;
         let partitioner = self.partitioner.lock().unwrap().clone();
         let compactor = self.compactor.lock().unwrap().clone();
-        let (a, b) = tokio::join!(
-            async {
-                match partitioner {
-                    Some(a) => ractor::call_t!(a, PartitionerMsg::Released, timeout, parts.to_vec()).map_err(|e| e.to_string()),
-                    None => Ok(()),
+        let (a, b) =
+            tokio::join!(
+                async {
+                    match partitioner {
+                        Some(a) => ractor::call_t!(a, PartitionerMsg::Released, timeout, parts.to_vec())
+                            .map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    match compactor {
+                        Some(a) => ractor::call_t!(a, CompactorMsg::Released, timeout, parts.to_vec())
+                            .map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    }
                 }
-            },
-            async {
-                match compactor {
-                    Some(a) => ractor::call_t!(a, CompactorMsg::Released, timeout, parts.to_vec()).map_err(|e| e.to_string()),
-                    None => Ok(()),
-                }
-            }
-        );
+            );
         for (who, r) in [("partitioner", a), ("compactor", b)] {
             if let Err(e) = r {
                 tracing::warn!(actor = who, ?parts, error = %e, "did not confirm the release of revoked partitions");
@@ -224,8 +227,12 @@ impl PipelineCtx {
         if let Some(a) = partitioner {
             match ractor::call_t!(a, PartitionerMsg::CatchUp, timeout.as_millis().max(1) as u64) {
                 Ok(Ok(files)) => tracing::info!(files, "partitioner caught up"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "partitioner could not catch up before shutdown; it resumes at its watermark"),
-                Err(e) => tracing::warn!(error = %e, "partitioner did not catch up before the shutdown deadline; it resumes at its watermark"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "partitioner could not catch up before shutdown; it resumes at its watermark")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "partitioner did not catch up before the shutdown deadline; it resumes at its watermark")
+                }
             }
         }
     }
@@ -501,10 +508,12 @@ impl RootActor {
         let ctx = state.ctx.clone();
         let cell = myself.get_cell();
         let spawned = match child {
-            Child::Partitioner => Actor::spawn_linked(Some(name), Partitioner, ctx.clone(), cell).await.map(|(r, _)| {
-                *ctx.partitioner.lock().unwrap() = Some(r.clone());
-                r.get_cell()
-            }),
+            Child::Partitioner => {
+                Actor::spawn_linked(Some(name), Partitioner, ctx.clone(), cell).await.map(|(r, _)| {
+                    *ctx.partitioner.lock().unwrap() = Some(r.clone());
+                    r.get_cell()
+                })
+            }
             Child::Compactor => Actor::spawn_linked(Some(name), Compactor, ctx.clone(), cell).await.map(|(r, _)| {
                 *ctx.compactor.lock().unwrap() = Some(r.clone());
                 r.get_cell()

@@ -85,9 +85,20 @@ pub fn intents_prefix(topic: &str, partition: i32) -> String {
     format!("{META_DIR}/compactions/{topic}/partition={partition}/")
 }
 
-/// The intent of merging into `output` (a table file key of `partition`).
-pub fn intent_key(topic: &str, partition: i32, output_key: &str) -> String {
-    format!("{}{}.json", intents_prefix(topic, partition), output_key.trim_end_matches(".parquet").replace('/', "~"))
+/// The intent of the merge `plan`: `<intents prefix><YYYY-MM-DD>.<type>.<first>-<last>.json`,
+/// unique per output file and short enough for file-system-backed stores (s3s-fs keeps a
+/// side file whose name embeds the key in base64, within the 255-byte name limit).
+pub fn intent_key(topic: &str, hive: &HivePartition, output: &RawFileName) -> String {
+    format!(
+        "{}{:04}-{:02}-{:02}.{}.{:020}-{:020}.json",
+        intents_prefix(topic, output.partition),
+        hive.year,
+        hive.month,
+        hive.day,
+        hive.transaction_type,
+        output.first_offset,
+        output.last_offset
+    )
 }
 
 /// The partitioner's durable progress for one Kafka partition: every raw file whose last offset
@@ -239,14 +250,16 @@ mod tests {
         assert_eq!(HivePartition::parse_key(&key), Some((h.clone(), name(0, 9))));
         for k in [
             watermark_key("transactions", 2),
-            intent_key("transactions", 2, &key),
+            intent_key("transactions", &h, &name(0, 9)),
             "year=2026/month=03/day=05/notes.txt".to_string(),
             format!("year=2026/month=03/day=05/x/transaction_type=DEBIT/{}", name(0, 9).file_name()),
         ] {
             assert_eq!(HivePartition::parse_key(&k), None, "{k}");
         }
         assert!(watermark_key("transactions", 2).starts_with("_trstream/"));
-        assert!(intent_key("transactions", 2, &key).starts_with(&intents_prefix("transactions", 2)));
+        let intent = intent_key("transactions", &h, &name(0, 9));
+        assert!(intent.starts_with(&intents_prefix("transactions", 2)), "{intent}");
+        assert!(intent.len() < 120, "{intent}");
     }
 
     fn tx(ttype: &'static str, event_time_us: i64, i: i64) -> Transaction<'static> {
@@ -304,8 +317,7 @@ mod tests {
         // Too few small files: nothing.
         assert!(plan_merges(&h, files.clone(), 50, 25, 8).is_empty());
         let plans = plan_merges(&h, files, 50, 25, 4);
-        let firsts: Vec<Vec<i64>> =
-            plans.iter().map(|p| p.inputs.iter().map(|i| i.0.first_offset).collect()).collect();
+        let firsts: Vec<Vec<i64>> = plans.iter().map(|p| p.inputs.iter().map(|i| i.0.first_offset).collect()).collect();
         // [0,10] stops at the large file 20; 30+40 fit 25 bytes, 50 starts a new merge with 60+70.
         assert_eq!(firsts, vec![vec![0, 10], vec![30, 40], vec![50, 60, 70]]);
         assert_eq!(plans[2].output_name(), name(50, 79));

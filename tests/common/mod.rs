@@ -14,12 +14,13 @@ use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use trstream::config::Config;
 use trstream::embedded::{EmbeddedKafka, EmbeddedS3};
-use trstream::lake::RawFileName;
+use trstream::lake::{HivePartition, RawFileName};
 use trstream::produce::{Expect, GenOptions, Generated, Generator};
 use trstream::record::RejectReason;
 
 pub const TOPIC: &str = "transactions";
 pub const DLQ: &str = "transactions.dlq";
+pub const GROUP: &str = "trstream-test";
 
 pub struct Harness {
     pub kafka: EmbeddedKafka,
@@ -45,7 +46,7 @@ impl Harness {
     pub fn config(&self) -> Config {
         let mut c = Config::default();
         c.kafka.brokers = self.kafka.bootstrap.clone();
-        c.kafka.group_id = "trstream-test".into();
+        c.kafka.group_id = GROUP.into();
         c.kafka.session_timeout = Duration::from_secs(10);
         c.shutdown.drain_timeout = Duration::from_secs(8);
         c.shutdown.timeout = Duration::from_secs(20);
@@ -63,6 +64,88 @@ impl Harness {
 
     /// A configuration under which nothing flushes on its own for minutes: only a drain (revoke
     /// or shutdown) can write and commit.
+    /// The partitioner and compactor at test speed: merges as soon as two files are small.
+    pub fn lake_config(&self) -> Config {
+        let mut c = self.config();
+        c.partitioner.scan_interval = Duration::from_secs(1);
+        c.compactor.interval = Duration::from_millis(300);
+        c.compactor.min_files = 2;
+        c.compactor.small_file_bytes = 64 << 20;
+        c.compactor.target_file_bytes = 256 << 20;
+        c.validate().expect("test config is valid");
+        c
+    }
+
+    /// Table files on disk: (Hive partition, source name).
+    pub fn table_files(&self) -> Vec<(HivePartition, RawFileName)> {
+        self.table_files_with_paths().into_iter().map(|(_, h, n)| (h, n)).collect()
+    }
+
+    /// The table's data files with their paths on disk.
+    pub fn table_files_with_paths(&self) -> Vec<(PathBuf, HivePartition, RawFileName)> {
+        let root = self.dir.path().join("tb-transactions");
+        let mut out = Vec::new();
+        walk(&root, &mut |p| {
+            let key = p.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+            if let Some((h, n)) = HivePartition::parse_key(&key) {
+                out.push((p.to_path_buf(), h, n));
+            }
+        });
+        out.sort();
+        out
+    }
+
+    /// Whether every raw file is below its partition's watermark.
+    pub fn partitioner_caught_up(&self) -> bool {
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        for (n, _) in self.raw_files() {
+            let e = last.entry(n.partition).or_insert(n.last_offset);
+            *e = (*e).max(n.last_offset);
+        }
+        last.iter().all(|(&p, &end)| {
+            let path = self.dir.path().join("tb-transactions").join(trstream::lake::table::watermark_key(TOPIC, p));
+            std::fs::read(path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<trstream::lake::table::Watermark>(&b).ok())
+                .is_some_and(|w| w.last_offset == end)
+        })
+    }
+
+    /// The most files any (Hive partition, Kafka partition) group holds.
+    pub fn max_files_per_group(&self) -> usize {
+        let mut groups: HashMap<(HivePartition, i32), usize> = HashMap::new();
+        for (h, n) in self.table_files() {
+            *groups.entry((h, n.partition)).or_default() += 1;
+        }
+        groups.values().copied().max().unwrap_or(0)
+    }
+
+    /// The most files any Hive partition holds.
+    pub fn max_files_per_hive_partition(&self) -> usize {
+        let mut groups: HashMap<HivePartition, usize> = HashMap::new();
+        for (h, _) in self.table_files() {
+            *groups.entry(h).or_default() += 1;
+        }
+        groups.values().copied().max().unwrap_or(0)
+    }
+
+    /// Intents left under `_trstream/compactions/`.
+    pub fn open_intents(&self) -> usize {
+        let mut n = 0;
+        walk(&self.dir.path().join("tb-transactions").join("_trstream").join("compactions"), &mut |_| n += 1);
+        n
+    }
+
+    pub async fn audit(&self, config: &Config) -> trstream::audit::AuditReport {
+        let opts = trstream::audit::AuditOptions { raw: true, timeout: Duration::from_secs(30), progress: false };
+        trstream::audit::audit(config, &opts).await.expect("audit runs")
+    }
+
+    /// Valid records produced so far.
+    pub fn valid_produced(&self) -> u64 {
+        self.produced.iter().filter(|g| matches!(g.expect, Expect::Valid(_))).count() as u64
+    }
+
     pub fn drain_only_config(&self) -> Config {
         let mut c = self.config();
         c.flush.max_age = Duration::from_secs(300);

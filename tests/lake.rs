@@ -1,0 +1,232 @@
+//! The table side of the lake: the partitioner and the compactor under injected failures, under
+//! load, across two instances, and read back by DuckDB. Every scenario ends with `trstream
+//! audit` (the library call behind it), which must find every valid transaction exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{GROUP, Harness, wait_for};
+use trstream::audit::AuditReport;
+use trstream::lake::RawFileName;
+use trstream::metrics::Stats;
+use trstream::{FaultPoint, Faults, Pipeline};
+
+const DONE: Duration = Duration::from_secs(120);
+
+/// Waits until everything produced is committed, partitioned, and compacted down to one file
+/// per (Hive partition, Kafka partition) — the bound `compactor.min_files = 2` gives.
+async fn settle(h: &Harness) {
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    wait_for("the partitioner to catch up", DONE, || h.partitioner_caught_up()).await;
+    wait_for("compaction down to one file per group", DONE, || h.max_files_per_group() <= 1).await;
+}
+
+fn assert_clean(h: &Harness, report: &AuditReport) {
+    assert!(report.clean, "audit:\n{}", report.to_table());
+    let t = &report.total;
+    assert_eq!(t.valid, h.valid_produced(), "audit sees every valid record produced");
+    assert_eq!((t.in_lake, t.missing, t.duplicated, t.unexpected), (t.valid, 0, 0, 0));
+    assert_eq!(t.in_dlq, t.invalid, "every invalid record in the DLQ");
+    assert_eq!(t.before_log_start, 0, "the test fits the embedded broker's retention");
+    assert_eq!((t.raw_missing, t.raw_duplicated), (Some(0), Some(0)), "raw-data exactly once too");
+    assert_eq!(report.table_rows, t.valid, "table rows = valid records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_at_every_partitioner_and_compactor_step_loses_and_duplicates_nothing() {
+    let mut h = Harness::new(4).await;
+    let faults = Arc::new(Faults::default());
+    let mut config = h.lake_config();
+    config.supervision.max_restarts = 20;
+    let pipeline = trstream::start(config.clone(), faults.clone()).await.unwrap();
+    let stats = pipeline.stats.clone();
+    let points = [
+        FaultPoint::PartitionerAfterFirstOutput,
+        FaultPoint::PartitionerBeforeWatermark,
+        FaultPoint::CompactorAfterIntent,
+        FaultPoint::CompactorAfterOutput,
+        FaultPoint::CompactorMidDeletes,
+    ];
+    for point in points {
+        let restarts = Stats::get(&stats.lake_restarts);
+        faults.fail_at(point, 1);
+        h.produce(4_000);
+        wait_for(&format!("the failure at {point:?} and its restart"), DONE, || {
+            faults.pending(point) == 0 && Stats::get(&stats.lake_restarts) > restarts
+        })
+        .await;
+    }
+    settle(&h).await;
+    assert_eq!(Stats::get(&stats.lake_restarts), points.len() as u64, "each failure restarted its actor once");
+    assert!(
+        Stats::get(&stats.intents_recovered) >= 3,
+        "the three compactor failures left intents that recovery resolved: {}",
+        Stats::get(&stats.intents_recovered)
+    );
+    assert_eq!(h.open_intents(), 0, "no intent left behind");
+    assert_clean(&h, &h.audit(&config).await);
+    pipeline.shutdown().await;
+    h.assert_exactly_once(GROUP, false);
+}
+
+/// DuckDB's counts by day and type, read with `hive_partitioning = true`.
+fn duckdb_counts(table: &std::path::Path) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let glob = table.join("year=*").join("**").join("*.parquet");
+    let script = format!(
+        "import duckdb, json\n\
+         rows = duckdb.sql(\"SELECT year, month, day, transaction_type, count(*) FROM read_parquet('{}', hive_partitioning = true) GROUP BY ALL\").fetchall()\n\
+         print(json.dumps([[f'{{y:04d}}-{{m:02d}}-{{d:02d}}', t, n] for y, m, d, t, n in rows]))",
+        glob.display()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3 runs (.ci/run installs it with the duckdb package)");
+    assert!(out.status.success(), "duckdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<(String, String, u64)> = serde_json::from_slice(&out.stdout).expect("duckdb's JSON");
+    let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (day, t, n) in rows {
+        counts.entry(day).or_default().insert(t, n);
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_records_partitioned_and_compacted_while_ingesting() {
+    // 8 partitions keep each under the embedded broker's retention.
+    let mut h = Harness::new(8).await;
+    let config = h.lake_config();
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    for _ in 0..10 {
+        h.produce(20_000);
+    }
+    settle(&h).await;
+    let stats = pipeline.stats.clone();
+    assert!(Stats::get(&stats.compactions) > 0, "merges ran during ingestion");
+    assert!(
+        h.max_files_per_hive_partition() <= h.partitions as usize,
+        "at most one file per Kafka partition in each Hive partition, got {}",
+        h.max_files_per_hive_partition()
+    );
+    let report = h.audit(&config).await;
+    assert_clean(&h, &report);
+    assert!(report.rows_by_day_and_type.values().map(BTreeMap::len).sum::<usize>() >= 6, "rows spread over types");
+    assert_eq!(duckdb_counts(&h.dir.path().join("tb-transactions")), report.rows_by_day_and_type);
+    pipeline.shutdown().await;
+    assert_eq!(Stats::get(&stats.restarts), 0);
+}
+
+fn buffered(p: &Pipeline) -> u64 {
+    p.stats.buffered_now()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_group_and_lake_write_each_record_once() {
+    let mut h = Harness::new(4).await;
+    let config = h.lake_config();
+    let a = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(10_000);
+    wait_for("instance A consuming", DONE, || Stats::get(&a.stats.partitioned_files) > 0).await;
+    // B joins: A's partitions are revoked mid-stream (buffers drained), then split between them.
+    let b = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    for _ in 0..3 {
+        h.produce(5_000);
+    }
+    wait_for("instance B partitioning its share", DONE, || Stats::get(&b.stats.partitioned_files) > 0).await;
+    h.produce(5_000);
+    // A leaves: B takes every partition over.
+    a.shutdown().await;
+    h.produce(5_000);
+    settle(&h).await;
+    wait_for("B's buffers released", DONE, || buffered(&b) == 0).await;
+    assert_clean(&h, &h.audit(&config).await);
+    b.shutdown().await;
+    h.assert_exactly_once(GROUP, false);
+}
+
+/// `trstream audit` as a user runs it, against the harness's broker and store.
+fn audit_cli(h: &Harness, json: bool) -> (bool, serde_json::Value, String) {
+    let c = h.config();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trstream"));
+    cmd.args(["audit", "--raw", "--timeout", "20s", "--brokers", &c.kafka.brokers, "--s3-endpoint", &c.s3.endpoint]);
+    for kv in [
+        format!("s3.access_key_id={}", c.s3.access_key_id),
+        format!("s3.secret_access_key={}", c.s3.secret_access_key),
+        "s3.force_path_style=true".to_string(),
+        // The audit validates as the daemon did: the same record size limit.
+        format!("validation.max_record_bytes={}", c.validation.max_record_bytes),
+    ] {
+        cmd.args(["--set", &kv]);
+    }
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.env_remove("TRSTREAM_LOG").output().expect("run trstream audit");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let value = if json {
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    } else {
+        serde_json::Value::Null
+    };
+    (out.status.success(), value, format!("{stdout}{stderr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_command_reports_clean_then_finds_a_lost_and_a_doubled_file() {
+    let mut h = Harness::new(2).await;
+    let config = h.lake_config();
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(6_000);
+    settle(&h).await;
+    pipeline.shutdown().await;
+    let valid = h.valid_produced();
+
+    let (ok, report, out) = audit_cli(&h, true);
+    assert!(ok, "a clean lake passes: {out}");
+    let total = &report["total"];
+    assert_eq!(total["valid"], valid, "{out}");
+    assert_eq!(
+        (total["in_lake"].clone(), total["missing"].clone(), total["duplicated"].clone()),
+        (valid.into(), 0.into(), 0.into())
+    );
+    assert_eq!(report["partitions"].as_array().map(Vec::len), Some(2), "one row per partition");
+    let (ok, _, table) = audit_cli(&h, false);
+    assert!(ok && table.contains("missing") && table.contains("total"), "the table names its columns: {table}");
+
+    // Copy one table file under another offset range: its rows are now in the table twice.
+    let files = h.table_files_with_paths();
+    let (path, hive, name) = files.iter().max_by_key(|(p, _, _)| std::fs::metadata(p).unwrap().len()).unwrap().clone();
+    let rows = parquet_rows(&path);
+    let twin = RawFileName {
+        first_offset: name.last_offset + 1_000_000,
+        last_offset: name.last_offset + 2_000_000,
+        ..name.clone()
+    };
+    let twin_path = h.dir.path().join("tb-transactions").join(hive.file_key(&twin));
+    std::fs::copy(&path, &twin_path).unwrap();
+    let (ok, report, out) = audit_cli(&h, true);
+    assert!(!ok, "a doubled file fails the audit: {out}");
+    assert_eq!(report["total"]["duplicated"], rows, "{out}");
+    assert_eq!(report["total"]["missing"], 0);
+    let (_, _, table) = audit_cli(&h, false);
+    assert!(table.contains(&format!("{rows} duplicated")), "the error names the count: {table}");
+
+    // Remove the original and the twin: those rows are now missing.
+    std::fs::remove_file(&twin_path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let (ok, report, out) = audit_cli(&h, true);
+    assert!(!ok, "a lost file fails the audit: {out}");
+    assert_eq!(report["total"]["missing"], rows, "{out}");
+    assert_eq!(report["total"]["duplicated"], 0);
+}
+
+fn parquet_rows(path: &std::path::Path) -> u64 {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    parquet::file::reader::FileReader::metadata(&reader).file_metadata().num_rows() as u64
+}
