@@ -383,6 +383,12 @@ fn print_line(p: &ProduceProgress, elapsed: Duration) {
     );
 }
 
+/// A seed from the clock, for runs that need not be reproducible.
+pub fn time_seed() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    now.as_nanos() as u64 ^ u64::from(std::process::id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,10 +459,4 @@ mod tests {
             assert!(o.validate().unwrap_err().contains(flag), "{flag}");
         }
     }
-}
-
-/// A seed from the clock, for runs that need not be reproducible.
-pub fn time_seed() -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    now.as_nanos() as u64 ^ u64::from(std::process::id())
 }

@@ -146,11 +146,15 @@ impl LakeStore {
     }
 
     /// Deletes `key`; deleting a missing key succeeds (S3 semantics), so a retry is harmless.
+    /// Idempotent: deleting a key that is not there (S3 answers 204, some stores 404) is success.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client.delete_object().bucket(&self.bucket).key(key).send().await.map(|_| ()).map_err(|e| {
-            let status = e.raw_response().map(|r| r.status().as_u16());
-            classify("DeleteObject", key, &e, status)
-        })
+        match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(404) { Ok(()) } else { Err(classify("DeleteObject", key, &e, status)) }
+            }
+        }
     }
 
     /// Whether `key` exists.
