@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{GROUP, Harness, wait_for};
 use trstream::audit::AuditReport;
 use trstream::lake::RawFileName;
-use trstream::metrics::Stats;
+use trstream::metrics::{self as m, Stats};
 use trstream::{FaultPoint, Faults, Pipeline};
 
 const DONE: Duration = Duration::from_secs(120);
@@ -116,6 +116,28 @@ async fn two_hundred_thousand_records_partitioned_and_compacted_while_ingesting(
     assert_clean(&h, &report);
     assert!(report.rows_by_day_and_type.values().map(BTreeMap::len).sum::<usize>() >= 6, "rows spread over types");
     assert_eq!(duckdb_counts(&h.dir.path().join("tb-transactions")), report.rows_by_day_and_type);
+
+    // The lake's figures on /metrics (the recorder is global to this test process, so counters
+    // are at least this pipeline's own).
+    let addr = pipeline.http_addr.expect("the HTTP server listens");
+    let at_least = |name: &str, min: u64| {
+        let v = common::metric(addr, name).unwrap_or_else(|| panic!("{name} is exported"));
+        assert!(v >= min as f64, "{name} = {v}, expected at least {min}");
+    };
+    at_least(m::PARTITIONER_FILES, Stats::get(&stats.partitioned_files));
+    at_least(m::PARTITIONER_ROWS, report.table_rows);
+    at_least(m::PARTITIONER_OUTPUT_FILES, Stats::get(&stats.table_files_written));
+    at_least(m::COMPACTIONS, Stats::get(&stats.compactions));
+    at_least(m::COMPACTION_INPUT_FILES, Stats::get(&stats.compacted_files));
+    at_least(m::COMPACTION_INPUT_BYTES, Stats::get(&stats.compaction_bytes_before));
+    at_least(m::COMPACTION_OUTPUT_BYTES, Stats::get(&stats.compaction_bytes_after));
+    for gauge in [m::PARTITIONER_LAG_FILES, m::LAKE_FILES, m::LAKE_SMALL_FILES] {
+        assert!(common::metric(addr, gauge).is_some(), "{gauge} is exported");
+    }
+    assert!(
+        common::http_get(addr, "/metrics").contains(&format!("{}{{table=\"tb-transactions\"}}", m::LAKE_SMALL_FILES)),
+        "small files are counted per table"
+    );
     pipeline.shutdown().await;
     assert_eq!(Stats::get(&stats.restarts), 0);
 }

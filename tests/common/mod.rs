@@ -335,6 +335,18 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
+/// Sum of a Prometheus series over its labels, from `/metrics` at `addr`; `None` when absent.
+pub fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let body = http_get(addr, "/metrics");
+    let values: Vec<f64> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// Waits for `cond` with a deadline, polling; panics naming `what` on timeout.
 pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
