@@ -3,7 +3,10 @@
 //! Every `compactor.interval` it lists the table, keeps the files of the Kafka partitions this
 //! instance owns (I5) that the partitioner has finished with (last offset at or below the
 //! partition's watermark), and plans merges per (Hive partition, Kafka partition) with
-//! [`table::plan_merges`]. One merge is:
+//! [`table::plan_merges`]. The whole table is listed once per assignment (and after any failed
+//! pass); after that a pass lists only the Hive partitions the partitioner wrote to since the
+//! last one, so a table that grows for months costs a pass no more than the new data does.
+//! One merge is:
 //!
 //! 1. write the intent (`_trstream/compactions/<topic>/partition=<p>/…`: output and inputs);
 //! 2. read the inputs in offset order, write the merged file (one PUT: it appears whole or not);
@@ -32,6 +35,9 @@ use crate::pipeline::{FaultPoint, PipelineCtx};
 /// The `table` label of the lake gauges.
 const TABLE: &str = "tb-transactions";
 
+/// Past this many Hive partitions to look at, one listing of the whole table is cheaper.
+const FULL_LISTING_ABOVE: usize = 64;
+
 pub struct Compactor;
 
 pub enum CompactorMsg {
@@ -49,6 +55,10 @@ pub struct CompactorState {
     ctx: Arc<PipelineCtx>,
     to_recover: BTreeSet<i32>,
     plans: VecDeque<MergePlan>,
+    /// Owned partitions whose files have not been listed since they were assigned.
+    full_listing: BTreeSet<i32>,
+    /// Files and small files per (Hive partition, Kafka partition), for the lake gauges.
+    counts: BTreeMap<(HivePartition, i32), (u64, u64)>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -63,10 +73,18 @@ impl Actor for Compactor {
         myself: ActorRef<CompactorMsg>,
         ctx: Arc<PipelineCtx>,
     ) -> Result<CompactorState, ActorProcessingErr> {
-        let to_recover = ctx.owned_partitions().into_iter().collect();
+        let to_recover: BTreeSet<i32> = ctx.owned_partitions().into_iter().collect();
         myself.send_after(ctx.config.compactor.interval, || CompactorMsg::Tick);
         let _ = myself.cast(CompactorMsg::Continue);
-        Ok(CompactorState { ctx, to_recover, plans: VecDeque::new(), retry_at: None, backoff: Duration::ZERO })
+        Ok(CompactorState {
+            ctx,
+            full_listing: to_recover.clone(),
+            to_recover,
+            plans: VecDeque::new(),
+            counts: BTreeMap::new(),
+            retry_at: None,
+            backoff: Duration::ZERO,
+        })
     }
 
     async fn handle(
@@ -77,14 +95,18 @@ impl Actor for Compactor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CompactorMsg::Assigned(parts) => {
+                state.full_listing.extend(parts.iter().copied());
                 state.to_recover.extend(parts);
                 let _ = myself.cast(CompactorMsg::Continue);
             }
             CompactorMsg::Released(parts, reply) => {
                 for p in &parts {
                     state.to_recover.remove(p);
+                    state.full_listing.remove(p);
                 }
                 state.plans.retain(|plan| !parts.contains(&plan.partition()));
+                state.counts.retain(|(_, p), _| !parts.contains(p));
+                state.set_gauges();
                 let _ = reply.send(());
             }
             CompactorMsg::Tick => {
@@ -94,6 +116,10 @@ impl Actor for Compactor {
                 }
                 if state.plans.is_empty() && state.retry_at.is_none() {
                     let res = state.plan_pass().await;
+                    if res.is_err() {
+                        // The touched Hive partitions taken for this pass are forgotten: list all.
+                        state.full_listing.extend(state.ctx.owned_partitions());
+                    }
                     state.outcome(res)?;
                 }
                 let _ = myself.cast(CompactorMsg::Continue);
@@ -154,7 +180,8 @@ impl CompactorState {
         }
     }
 
-    /// Lists the table and plans the merges of owned, partitioned files.
+    /// Lists the table (all of it, or the Hive partitions touched since the last pass) and plans
+    /// the merges of owned, partitioned files.
     async fn plan_pass(&mut self) -> Result<(), WorkError> {
         let cfg = &self.ctx.config.compactor;
         let topic = self.ctx.config.kafka.topic.clone();
@@ -163,30 +190,48 @@ impl CompactorState {
         if owned.is_empty() {
             return Ok(());
         }
+        self.ctx.stats.compaction_passes.fetch_add(1, Ordering::Relaxed);
+        let touched = self.ctx.take_touched(&owned);
+        let full = owned.iter().any(|p| self.full_listing.contains(p)) || touched.len() > FULL_LISTING_ABOVE;
+        if !full && touched.is_empty() {
+            return Ok(());
+        }
         let mut watermarks = BTreeMap::new();
         for &p in &owned {
             if let Some(w) = read_watermark(&self.ctx, &topic, p).await? {
                 watermarks.insert(p, w);
             }
         }
-        let listed = self.ctx.table.list_objects("year=", None).await?;
+        let listed = if full {
+            self.ctx.stats.compaction_full_listings.fetch_add(1, Ordering::Relaxed);
+            let listed = self.ctx.table.list_objects("year=", None).await?;
+            self.counts.retain(|(_, p), _| !owned.contains(p));
+            for p in &owned {
+                self.full_listing.remove(p);
+            }
+            listed
+        } else {
+            let mut listed = Vec::new();
+            for hive in &touched {
+                listed.extend(self.ctx.table.list_objects(&hive.dir(), None).await?);
+            }
+            self.counts.retain(|(h, p), _| !(touched.contains(h) && owned.contains(p)));
+            listed
+        };
         let mut groups: BTreeMap<(HivePartition, i32), Vec<table::TableFile>> = BTreeMap::new();
-        let (mut files, mut small) = (0u64, 0u64);
         for o in listed {
             let Some((hive, name)) = HivePartition::parse_key(&o.key) else { continue };
             if name.topic != topic || !owned.contains(&name.partition) {
                 continue;
             }
-            files += 1;
-            if o.size < cfg.small_file_bytes {
-                small += 1;
-            }
+            let count = self.counts.entry((hive.clone(), name.partition)).or_default();
+            count.0 += 1;
+            count.1 += u64::from(o.size < cfg.small_file_bytes);
             if watermarks.get(&name.partition).is_some_and(|&w| name.last_offset <= w) {
                 groups.entry((hive, name.partition)).or_default().push((name, o.key, o.size));
             }
         }
-        metrics::gauge!(m::LAKE_FILES, "table" => TABLE).set(files as f64);
-        metrics::gauge!(m::LAKE_SMALL_FILES, "table" => TABLE).set(small as f64);
+        self.set_gauges();
         for ((hive, _), group) in groups {
             self.plans.extend(table::plan_merges(
                 &hive,
@@ -197,9 +242,16 @@ impl CompactorState {
             ));
         }
         if !self.plans.is_empty() {
-            tracing::debug!(merges = self.plans.len(), files, small, "compaction pass planned");
+            tracing::debug!(merges = self.plans.len(), full, touched = touched.len(), "compaction pass planned");
         }
         Ok(())
+    }
+
+    /// The lake gauges, from the counts of this instance's partitions.
+    fn set_gauges(&self) {
+        let (files, small) = self.counts.values().fold((0, 0), |(f, s), &(cf, cs)| (f + cf, s + cs));
+        metrics::gauge!(m::LAKE_FILES, "table" => TABLE).set(files as f64);
+        metrics::gauge!(m::LAKE_SMALL_FILES, "table" => TABLE).set(small as f64);
     }
 
     async fn merge(&mut self, plan: &MergePlan) -> Result<(), WorkError> {
@@ -264,6 +316,12 @@ impl CompactorState {
         self.ctx.table.delete(&intent_key).await?;
 
         let before = plan.input_bytes();
+        if let Some(count) = self.counts.get_mut(&(plan.hive.clone(), p)) {
+            let small_bytes = self.ctx.config.compactor.small_file_bytes;
+            count.0 = count.0.saturating_sub(inputs as u64 - 1);
+            count.1 = count.1.saturating_sub(inputs as u64) + u64::from(after < small_bytes);
+        }
+        self.set_gauges();
         let s = &self.ctx.stats;
         s.compactions.fetch_add(1, Ordering::Relaxed);
         s.compacted_files.fetch_add(inputs as u64, Ordering::Relaxed);

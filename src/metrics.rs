@@ -129,6 +129,10 @@ pub struct Stats {
     pub compaction_bytes_before: AtomicU64,
     pub compaction_bytes_after: AtomicU64,
     pub intents_recovered: AtomicU64,
+    /// Compaction passes, and those that listed the whole table (the others list only the Hive
+    /// partitions the partitioner wrote to since the last pass).
+    pub compaction_passes: AtomicU64,
+    pub compaction_full_listings: AtomicU64,
     /// Restarts of the partitioner and the compactor.
     pub lake_restarts: AtomicU64,
     committed: Mutex<BTreeMap<i32, i64>>,

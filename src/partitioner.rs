@@ -302,7 +302,8 @@ impl PartitionerState {
         };
         let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
         let src = name.clone();
-        let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<(String, usize, Vec<u8>)>, String> {
+        type Output = (table::HivePartition, String, usize, Vec<u8>);
+        let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Output>, String> {
             let batch = parquet::decode(bytes::Bytes::from(body)).map_err(|e| format!("decoding {src}: {e}"))?;
             let parts = table::split(&batch).map_err(|e| format!("splitting {src}: {e}"))?;
             parts
@@ -315,7 +316,7 @@ impl PartitionerState {
                     ));
                     let bytes = parquet::encode_with(&part, meta, level, rg)
                         .map_err(|e| format!("encoding {}: {e}", hive.file_key(&src)))?;
-                    Ok((hive.file_key(&src), part.num_rows(), bytes))
+                    Ok((hive.clone(), hive.file_key(&src), part.num_rows(), bytes))
                 })
                 .collect()
         })
@@ -324,7 +325,9 @@ impl PartitionerState {
         .map_err(WorkError::Other)?;
 
         let (files, mut rows) = (outputs.len(), 0usize);
-        for (i, (key, n, bytes)) in outputs.into_iter().enumerate() {
+        let mut hives = Vec::with_capacity(files);
+        for (i, (hive, key, n, bytes)) in outputs.into_iter().enumerate() {
+            hives.push(hive);
             self.ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
             rows += n;
             if i == 0 {
@@ -341,6 +344,7 @@ impl PartitionerState {
         };
         let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
         self.ctx.table.put(&table::watermark_key(&name.topic, p), body.into(), "application/json").await?;
+        self.ctx.touch(p, hives);
         if let Some(ps) = self.parts.get_mut(&p) {
             ps.watermark = Some(Some(name.last_offset));
             if ps.queue.front() == Some(&name) {

@@ -12,7 +12,7 @@
 //! `handle_supervisor_evt`, and decides there whether to restart, or to give up and stop so its
 //! own parent decides. `supervision.md` is the reference for what happens on each crash.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +28,7 @@ use crate::compactor::{Compactor, CompactorMsg};
 use crate::config::Config;
 use crate::consumer_driver::{self, DriverCmd, DriverContext};
 use crate::dlq::DlqProducer;
-use crate::lake::{LakeStore, RawFileName};
+use crate::lake::{HivePartition, LakeStore, RawFileName};
 use crate::metrics::{self as m, Health, Stats};
 use crate::partitioner::{Partitioner, PartitionerMsg};
 use crate::record::Validator;
@@ -146,6 +146,9 @@ pub struct PipelineCtx {
     abandon: AtomicBool,
     /// Kafka partitions this instance owns: the partitioner and compactor touch only their data (I5).
     owned: Mutex<BTreeSet<i32>>,
+    /// Hive partitions the partitioner wrote to since the compactor last looked, per Kafka
+    /// partition: the compactor lists only these between full listings.
+    touched: Mutex<BTreeMap<i32, BTreeSet<HivePartition>>>,
     partitioner: Mutex<Option<ActorRef<PartitionerMsg>>>,
     compactor: Mutex<Option<ActorRef<CompactorMsg>>>,
 }
@@ -215,9 +218,23 @@ impl PipelineCtx {
     /// Forgets `parts` without waiting for the partitioner and compactor to confirm.
     pub fn disown(&self, parts: &[i32]) {
         let mut owned = self.owned.lock().unwrap();
+        let mut touched = self.touched.lock().unwrap();
         for p in parts {
             owned.remove(p);
+            touched.remove(p);
         }
+    }
+
+    /// The partitioner wrote (and moved the watermark past) files of Kafka partition `p` in
+    /// these Hive partitions.
+    pub fn touch(&self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
+        self.touched.lock().unwrap().entry(p).or_default().extend(hives);
+    }
+
+    /// The Hive partitions touched in `parts` since the last call, forgotten here.
+    pub fn take_touched(&self, parts: &[i32]) -> BTreeSet<HivePartition> {
+        let mut touched = self.touched.lock().unwrap();
+        parts.iter().filter_map(|p| touched.remove(p)).flatten().collect()
     }
 
     /// At shutdown, before the partitions are released: lets the partitioner process every
@@ -727,6 +744,7 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
         total_buffered: AtomicUsize::new(0),
         abandon: AtomicBool::new(false),
         owned: Mutex::new(BTreeSet::new()),
+        touched: Mutex::new(BTreeMap::new()),
         partitioner: Mutex::new(None),
         compactor: Mutex::new(None),
     });
