@@ -68,6 +68,7 @@ async fn a_failure_at_every_partitioner_and_compactor_step_loses_and_duplicates_
     );
     assert_eq!(h.open_intents(), 0, "no intent left behind");
     assert_clean(&h, &h.audit(&config).await);
+    assert_table_files_well_formed(&h);
     pipeline.shutdown().await;
     h.assert_exactly_once(GROUP, false);
 }
@@ -119,6 +120,7 @@ async fn two_hundred_thousand_records_partitioned_and_compacted_while_ingesting(
     );
     let report = h.audit(&config).await;
     assert_clean(&h, &report);
+    assert_table_files_well_formed(&h);
     assert!(report.rows_by_day_and_type.values().map(BTreeMap::len).sum::<usize>() >= 6, "rows spread over types");
     assert_eq!(duckdb_counts(&h.dir.path().join("tb-transactions")), report.rows_by_day_and_type);
 
@@ -256,4 +258,43 @@ fn parquet_rows(path: &std::path::Path) -> u64 {
     let file = std::fs::File::open(path).unwrap();
     let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
     parquet::file::reader::FileReader::metadata(&reader).file_metadata().num_rows() as u64
+}
+
+/// Every table file, merged or not: the daemon's schema (Decimal128(18,2), timestamps in µs UTC),
+/// statistics on every column chunk, one Kafka partition, offsets strictly increasing (row
+/// order per source partition kept), the offsets inside the range its name gives, and rows
+/// inside its Hive partition's day and type.
+fn assert_table_files_well_formed(h: &Harness) {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut merged = 0;
+    for (path, hive, name) in h.table_files_with_paths() {
+        let bytes = bytes::Bytes::from(std::fs::read(&path).unwrap());
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+        assert_eq!(builder.schema().fields(), trstream::lake::parquet::schema().fields(), "{}", path.display());
+        let meta = builder.metadata().clone();
+        for rg in meta.row_groups() {
+            assert!(rg.columns().iter().all(|c| c.statistics().is_some()), "statistics in {}", path.display());
+        }
+        let kv = meta.file_metadata().key_value_metadata().cloned().unwrap_or_default();
+        merged += usize::from(kv.iter().any(|e| e.key == "trstream.compacted_from"));
+        let mut last = name.first_offset - 1;
+        for batch in builder.build().unwrap() {
+            let batch = batch.unwrap();
+            let col = |n: &str| batch.column(batch.schema().index_of(n).unwrap()).clone();
+            let (parts, offsets, times, types) =
+                (col("kafka_partition"), col("kafka_offset"), col("event_time"), col("transaction_type"));
+            for i in 0..batch.num_rows() {
+                assert_eq!(parts.as_primitive::<Int32Type>().value(i), name.partition);
+                let o = offsets.as_primitive::<Int64Type>().value(i);
+                assert!(o > last && o <= name.last_offset, "offset {o} after {last} in {}", path.display());
+                last = o;
+                let t = times.as_primitive::<TimestampMicrosecondType>().value(i);
+                let ty = arrow_array::cast::as_string_array(&types).value(i).to_string();
+                assert_eq!(trstream::lake::HivePartition::of(t, &ty), hive, "row {o} in {}", path.display());
+            }
+        }
+    }
+    assert!(merged > 0, "some files are merged ones");
 }
