@@ -324,15 +324,25 @@ impl PartitionerState {
         .map_err(|e| WorkError::Other(format!("partitioner task failed: {e}")))?
         .map_err(WorkError::Other)?;
 
-        let (files, mut rows) = (outputs.len(), 0usize);
-        let mut hives = Vec::with_capacity(files);
-        for (i, (hive, key, n, bytes)) in outputs.into_iter().enumerate() {
-            hives.push(hive);
+        let files = outputs.len();
+        let rows: usize = outputs.iter().map(|o| o.2).sum();
+        let hives: Vec<_> = outputs.iter().map(|o| o.0.clone()).collect();
+        // The outputs are independent objects: PUT them concurrently (one per Hive partition,
+        // a handful per file). The watermark waits for all of them.
+        let mut outputs = outputs.into_iter();
+        if let Some((_, key, _, bytes)) = outputs.next() {
             self.ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
-            rows += n;
-            if i == 0 {
-                self.ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput).map_err(WorkError::Other)?;
-            }
+            self.ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput).map_err(WorkError::Other)?;
+        }
+        let mut puts = tokio::task::JoinSet::new();
+        for (_, key, _, bytes) in outputs {
+            let table = self.ctx.table.clone();
+            puts.spawn(async move {
+                table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await.map(|_| ())
+            });
+        }
+        while let Some(res) = puts.join_next().await {
+            res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
         }
         self.ctx.faults.check(FaultPoint::PartitionerBeforeWatermark).map_err(WorkError::Other)?;
         let wm = Watermark {
