@@ -13,8 +13,9 @@
 //! while this actor was down (or never handed over: adopted after a crash) is never skipped.
 //!
 //! Only partitions this instance owns are touched (I5); a revoke waits for [`PartitionerMsg::Released`],
-//! which is answered between two files, so the next owner is the only writer. Work is done one file
-//! per message so that a release never waits for more than one file.
+//! which is answered between two batches of work, so the next owner is the only writer. A batch
+//! is at most one file (or listing) of each of up to four partitions, run concurrently, so a
+//! release never waits for more than about one file's time.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -80,9 +81,28 @@ pub struct PartitionerState {
     cursor: i32,
 }
 
+/// Units of work run at once, each of a different partition: their decoding and encoding run
+/// on blocking threads in parallel and their uploads overlap. A release waits for one batch.
+const CONCURRENT_UNITS: usize = 4;
+
 enum Unit {
     Scan(i32),
     File(i32, RawFileName),
+}
+
+impl Unit {
+    fn partition(&self) -> i32 {
+        match self {
+            Unit::Scan(p) | Unit::File(p, _) => *p,
+        }
+    }
+}
+
+/// What a unit found or did, applied to the actor's state once it is back.
+enum Done {
+    Scanned((Option<i64>, VecDeque<RawFileName>)),
+    /// The file, and whether it was partitioned (`false`: it was gone).
+    File(RawFileName, bool),
 }
 
 impl Actor for Partitioner {
@@ -149,9 +169,8 @@ impl Actor for Partitioner {
             }
             PartitionerMsg::Step => {
                 state.step_queued = false;
-                if let Some(unit) = state.next_unit() {
-                    state.run(unit).await?;
-                }
+                let units = state.next_units();
+                state.run(units).await?;
                 state.schedule(&myself);
             }
             PartitionerMsg::CatchUp(reply) => {
@@ -162,11 +181,13 @@ impl Actor for Partitioner {
                 }
                 let mut files = 0u64;
                 let mut result = Ok(());
-                while let Some(unit) = state.next_unit() {
-                    if matches!(unit, Unit::File(..)) {
-                        files += 1;
+                loop {
+                    let units = state.next_units();
+                    if units.is_empty() {
+                        break;
                     }
-                    if let Err(e) = state.run(unit).await {
+                    files += units.iter().filter(|u| matches!(u, Unit::File(..))).count() as u64;
+                    if let Err(e) = state.run(units).await {
                         result = Err(e);
                         break;
                     }
@@ -211,39 +232,83 @@ impl PartitionerState {
         }
     }
 
-    fn next_unit(&mut self) -> Option<Unit> {
+    /// The next units of work, of distinct partitions, round robin from the last one served.
+    fn next_units(&mut self) -> Vec<Unit> {
         let now = Instant::now();
-        let ready: Vec<i32> = self
+        let mut ready: Vec<i32> = self
             .parts
             .iter()
             .filter(|(_, ps)| ps.has_work() && ps.retry_at.is_none_or(|t| t <= now))
             .map(|(p, _)| *p)
             .collect();
-        let p = *ready.iter().find(|&&p| p > self.cursor).or(ready.first())?;
-        self.cursor = p;
-        let ps = &self.parts[&p];
-        Some(if ps.needs_scan { Unit::Scan(p) } else { Unit::File(p, ps.queue[0].clone()) })
+        let split = ready.iter().position(|&p| p > self.cursor).unwrap_or(0);
+        ready.rotate_left(split);
+        ready.truncate(CONCURRENT_UNITS);
+        if let Some(&last) = ready.last() {
+            self.cursor = last;
+        }
+        ready
+            .into_iter()
+            .map(|p| {
+                let ps = &self.parts[&p];
+                if ps.needs_scan { Unit::Scan(p) } else { Unit::File(p, ps.queue[0].clone()) }
+            })
+            .collect()
     }
 
-    /// Runs one unit. A retryable store error backs the partition off; anything else fails the
-    /// actor (its supervisor restarts it, and it resumes at the watermark).
-    async fn run(&mut self, unit: Unit) -> Result<(), ActorProcessingErr> {
-        let p = match &unit {
-            Unit::Scan(p) | Unit::File(p, _) => *p,
-        };
-        if !self.ctx.owns(p) {
-            self.parts.remove(&p);
-            return Ok(());
+    /// Runs `units` concurrently and waits for all of them, so that between two messages
+    /// nothing is in flight. A retryable store error backs its partition off; anything else
+    /// fails the actor once the others have finished (its supervisor restarts it, and it
+    /// resumes at the watermarks).
+    async fn run(&mut self, units: Vec<Unit>) -> Result<(), ActorProcessingErr> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for unit in units {
+            let p = unit.partition();
+            if !self.ctx.owns(p) {
+                self.parts.remove(&p);
+                continue;
+            }
+            let ctx = self.ctx.clone();
+            let known = self.parts.get(&p).and_then(|ps| ps.watermark);
+            tasks.spawn(async move {
+                let res = match unit {
+                    Unit::Scan(p) => list_after_watermark(&ctx, p, known).await.map(Done::Scanned),
+                    Unit::File(p, name) => partition_file(&ctx, p, &name).await.map(|ok| Done::File(name, ok)),
+                };
+                (p, res)
+            });
         }
-        let res = match unit {
-            Unit::Scan(p) => self.scan(p).await,
-            Unit::File(p, name) => self.partition_file(p, name).await,
-        };
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (p, res) = joined.map_err(|e| format!("partitioner task failed: {e}"))?;
+            if let Err(e) = self.apply(p, res) {
+                failure.get_or_insert(e);
+            }
+        }
+        self.report_lag();
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn apply(&mut self, p: i32, res: Result<Done, WorkError>) -> Result<(), ActorProcessingErr> {
         match res {
-            Ok(()) => {
+            Ok(done) => {
                 if let Some(ps) = self.parts.get_mut(&p) {
                     ps.retry_at = None;
                     ps.backoff = Duration::ZERO;
+                    match done {
+                        Done::Scanned((watermark, queue)) => {
+                            ps.watermark = Some(watermark);
+                            ps.queue = queue;
+                            ps.needs_scan = false;
+                        }
+                        Done::File(_, false) => ps.needs_scan = true,
+                        Done::File(name, true) => {
+                            ps.watermark = Some(Some(name.last_offset));
+                            if ps.queue.front() == Some(&name) {
+                                ps.queue.pop_front();
+                            }
+                        }
+                    }
                 }
                 self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
                 Ok(())
@@ -264,118 +329,105 @@ impl PartitionerState {
         }
     }
 
-    /// Reads the watermark if not known yet, then lists the raw files past it.
-    async fn scan(&mut self, p: i32) -> Result<(), WorkError> {
-        let topic = self.ctx.config.kafka.topic.clone();
-        let watermark = match self.parts.get(&p).and_then(|ps| ps.watermark) {
-            Some(w) => w,
-            None => read_watermark(&self.ctx, &topic, p).await?,
-        };
-        let raw_prefix = &self.ctx.config.s3.raw_prefix;
-        let from = watermark.map_or(0, |w| w + 1);
-        let marker = keys::start_after_for(raw_prefix, &topic, p, from);
-        let listed = self.ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), Some(&marker)).await?;
-        let queue: VecDeque<RawFileName> = listed
-            .iter()
-            .filter_map(|k| RawFileName::parse(k))
-            .filter(|n| n.topic == topic && n.partition == p && n.first_offset >= from)
-            .collect();
-        if let Some(ps) = self.parts.get_mut(&p) {
-            ps.watermark = Some(watermark);
-            ps.queue = queue;
-            ps.needs_scan = false;
-        }
-        self.report_lag();
-        Ok(())
-    }
-
-    async fn partition_file(&mut self, p: i32, name: RawFileName) -> Result<(), WorkError> {
-        let started = Instant::now();
-        let raw_key = name.key(&self.ctx.config.s3.raw_prefix);
-        let Some(body) = self.ctx.store.get_opt(&raw_key).await? else {
-            // Listed or handed over, now gone: only raw retention outside trstream does that.
-            tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
-            if let Some(ps) = self.parts.get_mut(&p) {
-                ps.needs_scan = true;
-            }
-            return Ok(());
-        };
-        let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
-        let src = name.clone();
-        type Output = (table::HivePartition, String, usize, Vec<u8>);
-        let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Output>, String> {
-            let batch = parquet::decode(bytes::Bytes::from(body)).map_err(|e| format!("decoding {src}: {e}"))?;
-            let parts = table::split(&batch).map_err(|e| format!("splitting {src}: {e}"))?;
-            parts
-                .into_iter()
-                .map(|(hive, part)| {
-                    let mut meta = parquet::source_metadata(&src, part.num_rows());
-                    meta.push(::parquet::file::metadata::KeyValue::new(
-                        "trstream.source.raw_file".into(),
-                        src.file_name(),
-                    ));
-                    let bytes = parquet::encode_with(&part, meta, level, rg)
-                        .map_err(|e| format!("encoding {}: {e}", hive.file_key(&src)))?;
-                    Ok((hive.clone(), hive.file_key(&src), part.num_rows(), bytes))
-                })
-                .collect()
-        })
-        .await
-        .map_err(|e| WorkError::Other(format!("partitioner task failed: {e}")))?
-        .map_err(WorkError::Other)?;
-
-        let files = outputs.len();
-        let rows: usize = outputs.iter().map(|o| o.2).sum();
-        let hives: Vec<_> = outputs.iter().map(|o| o.0.clone()).collect();
-        // The outputs are independent objects: PUT them concurrently (one per Hive partition,
-        // a handful per file). The watermark waits for all of them.
-        let mut outputs = outputs.into_iter();
-        if let Some((_, key, _, bytes)) = outputs.next() {
-            self.ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
-            self.ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput).map_err(WorkError::Other)?;
-        }
-        let mut puts = tokio::task::JoinSet::new();
-        for (_, key, _, bytes) in outputs {
-            let table = self.ctx.table.clone();
-            puts.spawn(async move {
-                table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await.map(|_| ())
-            });
-        }
-        while let Some(res) = puts.join_next().await {
-            res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
-        }
-        self.ctx.faults.check(FaultPoint::PartitionerBeforeWatermark).map_err(WorkError::Other)?;
-        let wm = Watermark {
-            topic: name.topic.clone(),
-            partition: p,
-            last_offset: name.last_offset,
-            raw_file: raw_key,
-            updated_at: chrono::Utc::now().to_rfc3339(),
-        };
-        let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
-        self.ctx.table.put(&table::watermark_key(&name.topic, p), body.into(), "application/json").await?;
-        self.ctx.touch(p, hives);
-        if let Some(ps) = self.parts.get_mut(&p) {
-            ps.watermark = Some(Some(name.last_offset));
-            if ps.queue.front() == Some(&name) {
-                ps.queue.pop_front();
-            }
-        }
-        self.ctx.stats.partitioned_files.fetch_add(1, Ordering::Relaxed);
-        self.ctx.stats.partitioned_rows.fetch_add(rows as u64, Ordering::Relaxed);
-        self.ctx.stats.table_files_written.fetch_add(files as u64, Ordering::Relaxed);
-        metrics::counter!(m::PARTITIONER_FILES).increment(1);
-        metrics::counter!(m::PARTITIONER_ROWS).increment(rows as u64);
-        metrics::counter!(m::PARTITIONER_OUTPUT_FILES).increment(files as u64);
-        self.report_lag();
-        tracing::debug!(partition = p, file = %name, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
-        Ok(())
-    }
-
     fn report_lag(&self) {
         let lag: usize = self.parts.values().map(|ps| ps.queue.len()).sum();
         metrics::gauge!(m::PARTITIONER_LAG_FILES).set(lag as f64);
     }
+}
+
+/// Reads the watermark unless `known`, then lists the raw files of `p` past it.
+async fn list_after_watermark(
+    ctx: &PipelineCtx,
+    p: i32,
+    known: Option<Option<i64>>,
+) -> Result<(Option<i64>, VecDeque<RawFileName>), WorkError> {
+    let topic = &ctx.config.kafka.topic;
+    let watermark = match known {
+        Some(w) => w,
+        None => read_watermark(ctx, topic, p).await?,
+    };
+    let raw_prefix = &ctx.config.s3.raw_prefix;
+    let from = watermark.map_or(0, |w| w + 1);
+    let marker = keys::start_after_for(raw_prefix, topic, p, from);
+    let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), Some(&marker)).await?;
+    let queue = listed
+        .iter()
+        .filter_map(|k| RawFileName::parse(k))
+        .filter(|n| &n.topic == topic && n.partition == p && n.first_offset >= from)
+        .collect();
+    Ok((watermark, queue))
+}
+
+/// Partitions one raw file: its outputs, then the watermark. `Ok(false)`: the raw file is gone
+/// (the partition must be listed again).
+async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result<bool, WorkError> {
+    let started = Instant::now();
+    let raw_key = name.key(&ctx.config.s3.raw_prefix);
+    let Some(body) = ctx.store.get_opt(&raw_key).await? else {
+        // Listed or handed over, now gone: only raw retention outside trstream does that.
+        tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
+        return Ok(false);
+    };
+    let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
+    let src = name.clone();
+    type Output = (table::HivePartition, String, usize, Vec<u8>);
+    let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Output>, String> {
+        let batch = parquet::decode(bytes::Bytes::from(body)).map_err(|e| format!("decoding {src}: {e}"))?;
+        let parts = table::split(&batch).map_err(|e| format!("splitting {src}: {e}"))?;
+        parts
+            .into_iter()
+            .map(|(hive, part)| {
+                let mut meta = parquet::source_metadata(&src, part.num_rows());
+                meta.push(::parquet::file::metadata::KeyValue::new("trstream.source.raw_file".into(), src.file_name()));
+                let bytes = parquet::encode_with(&part, meta, level, rg)
+                    .map_err(|e| format!("encoding {}: {e}", hive.file_key(&src)))?;
+                Ok((hive.clone(), hive.file_key(&src), part.num_rows(), bytes))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| WorkError::Other(format!("partitioner task failed: {e}")))?
+    .map_err(WorkError::Other)?;
+
+    let files = outputs.len();
+    let rows: usize = outputs.iter().map(|o| o.2).sum();
+    let hives: Vec<_> = outputs.iter().map(|o| o.0.clone()).collect();
+    // The outputs are independent objects: PUT them concurrently (one per Hive partition,
+    // a handful per file). The watermark waits for all of them.
+    let mut outputs = outputs.into_iter();
+    if let Some((_, key, _, bytes)) = outputs.next() {
+        ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
+        ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput).map_err(WorkError::Other)?;
+    }
+    let mut puts = tokio::task::JoinSet::new();
+    for (_, key, _, bytes) in outputs {
+        let table = ctx.table.clone();
+        puts.spawn(async move {
+            table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await.map(|_| ())
+        });
+    }
+    while let Some(res) = puts.join_next().await {
+        res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
+    }
+    ctx.faults.check(FaultPoint::PartitionerBeforeWatermark).map_err(WorkError::Other)?;
+    let wm = Watermark {
+        topic: name.topic.clone(),
+        partition: p,
+        last_offset: name.last_offset,
+        raw_file: raw_key,
+        updated_at: chrono::Utc::now().to_rfc3339(),
+    };
+    let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
+    ctx.table.put(&table::watermark_key(&name.topic, p), body.into(), "application/json").await?;
+    ctx.touch(p, hives);
+    ctx.stats.partitioned_files.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.partitioned_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    ctx.stats.table_files_written.fetch_add(files as u64, Ordering::Relaxed);
+    metrics::counter!(m::PARTITIONER_FILES).increment(1);
+    metrics::counter!(m::PARTITIONER_ROWS).increment(rows as u64);
+    metrics::counter!(m::PARTITIONER_OUTPUT_FILES).increment(files as u64);
+    tracing::debug!(partition = p, file = %name, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
+    Ok(true)
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
