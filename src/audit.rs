@@ -297,7 +297,10 @@ fn consumer(config: &Config) -> Result<BaseConsumer, AuditError> {
     c.set("group.id", format!("trstream-audit-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // As in the daemon: librdkafka's default waits a second whenever its fetch queue is full.
+        .set("fetch.queue.backoff.ms", config.kafka.fetch_queue_backoff.as_millis().to_string())
+        .set("queued.max.messages.kbytes", config.kafka.fetch_queue_kbytes.to_string());
     c.create().map_err(|e| AuditError::Kafka(format!("creating a consumer: {e}")))
 }
 
