@@ -162,22 +162,16 @@ impl CompactorState {
     /// A retryable store error backs off; anything else fails the actor (it is restarted and
     /// recovers its intents first).
     fn outcome(&mut self, res: Result<(), WorkError>) -> Result<(), ActorProcessingErr> {
-        match res {
-            Ok(()) => {
-                self.backoff = Duration::ZERO;
-                Ok(())
-            }
-            Err(WorkError::Store(e)) if e.is_retryable() => {
-                metrics::counter!(m::COMPACTION_ERRORS).increment(1);
-                let upload = &self.ctx.config.upload;
-                self.backoff = (self.backoff * 2).clamp(upload.retry_initial_backoff, upload.retry_max_backoff);
-                self.retry_at = Some(Instant::now() + self.backoff);
-                tracing::warn!(error = %e, retry_in = ?self.backoff, "compactor will retry");
-                Ok(())
-            }
-            Err(WorkError::Store(e)) => Err(e.into()),
-            Err(WorkError::Other(e)) => Err(e.into()),
-        }
+        let Err(err) = res else {
+            self.backoff = Duration::ZERO;
+            return Ok(());
+        };
+        let e = err.retryable()?;
+        metrics::counter!(m::COMPACTION_ERRORS).increment(1);
+        self.backoff = self.ctx.config.upload.next_backoff(self.backoff);
+        self.retry_at = Some(Instant::now() + self.backoff);
+        tracing::warn!(error = %e, retry_in = ?self.backoff, "compactor will retry");
+        Ok(())
     }
 
     /// Lists the table (all of it, or the Hive partitions touched since the last pass) and plans
@@ -185,13 +179,13 @@ impl CompactorState {
     async fn plan_pass(&mut self) -> Result<(), WorkError> {
         let cfg = &self.ctx.config.compactor;
         let topic = self.ctx.config.kafka.topic.clone();
-        let owned: Vec<i32> =
+        let owned: BTreeSet<i32> =
             self.ctx.owned_partitions().into_iter().filter(|p| !self.to_recover.contains(p)).collect();
         if owned.is_empty() {
             return Ok(());
         }
         self.ctx.stats.compaction_passes.fetch_add(1, Ordering::Relaxed);
-        let touched = self.ctx.take_touched(&owned);
+        let touched = self.ctx.take_touched(owned.iter().copied());
         let full = owned.iter().any(|p| self.full_listing.contains(p)) || touched.len() > FULL_LISTING_ABOVE;
         if !full && touched.is_empty() {
             return Ok(());

@@ -179,6 +179,13 @@ pub struct UploadConfig {
     pub retry_max_backoff: Duration,
 }
 
+impl UploadConfig {
+    /// The wait before retrying a store operation after the wait `previous` (zero: the first).
+    pub fn next_backoff(&self, previous: Duration) -> Duration {
+        (previous * 2).clamp(self.retry_initial_backoff, self.retry_max_backoff)
+    }
+}
+
 impl Default for UploadConfig {
     fn default() -> Self {
         UploadConfig { retry_initial_backoff: Duration::from_millis(100), retry_max_backoff: Duration::from_secs(10) }

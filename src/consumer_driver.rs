@@ -197,18 +197,7 @@ impl DriverContext {
 
     fn on_revoke(&self, parts: &[i32], lost: bool) {
         tracing::info!(?parts, lost, "partitions revoked");
-        let mut workers = Vec::new();
-        {
-            let mut st = self.state.lock().unwrap();
-            for &p in parts {
-                let pending = st.pending.remove(&p);
-                let Some(Slot::Ready { worker, budget, .. }) = st.slots.remove(&p) else { continue };
-                if let Some(chunk) = pending.filter(|_| !lost) {
-                    hand_over(&worker, &budget, chunk);
-                }
-                workers.push((p, worker, budget));
-            }
-        }
+        let workers = take_workers(self, Some(parts), !lost);
         if Self::in_runtime() {
             // Cannot wait here (the consumer is being dropped on the runtime): let go at once.
             self.ctx.disown(parts);
@@ -574,23 +563,26 @@ fn hand_over(worker: &ActorRef<PartitionWorkerMsg>, budget: &PartitionBudget, ch
 
 type Workers = Vec<(i32, ActorRef<PartitionWorkerMsg>, Arc<PartitionBudget>)>;
 
-/// Takes every ready worker out of the slots, handing each what was fetched for it first.
-fn take_workers(dc: &DriverContext) -> Workers {
+/// Takes the workers of `parts` (all of them for `None`) out of the slots, with what was fetched
+/// for them: handed over when `deliver`, dropped otherwise (nothing more may be committed).
+fn take_workers(dc: &DriverContext, parts: Option<&[i32]>, deliver: bool) -> Workers {
     let mut st = dc.state.lock().unwrap();
-    let st = &mut *st;
-    let mut pending = std::mem::take(&mut st.pending);
-    st.slots
-        .drain()
-        .filter_map(|(p, s)| match s {
-            Slot::Ready { worker, budget, .. } => {
-                if let Some(chunk) = pending.remove(&p) {
-                    hand_over(&worker, &budget, chunk);
-                }
-                Some((p, worker, budget))
-            }
-            Slot::Recovering { .. } => None,
-        })
-        .collect()
+    let list: Vec<i32> = parts.map_or_else(|| st.slots.keys().copied().collect(), <[i32]>::to_vec);
+    let mut workers = Vec::with_capacity(list.len());
+    for p in list {
+        let pending = st.pending.remove(&p);
+        let Some(Slot::Ready { worker, budget, .. }) = st.slots.remove(&p) else { continue };
+        if let Some(chunk) = pending.filter(|_| deliver) {
+            hand_over(&worker, &budget, chunk);
+        }
+        workers.push((p, worker, budget));
+    }
+    if parts.is_none() {
+        // Partitions still recovering have no worker to drain; they go too.
+        st.slots.clear();
+        st.pending.clear();
+    }
+    workers
 }
 
 /// Drains `workers` concurrently (flush, DLQ acks, upload, commit) within `timeout`, stops the
@@ -603,17 +595,12 @@ fn drain_all(dc: &DriverContext, workers: Workers, timeout: Duration) {
         for (p, worker, budget) in workers {
             set.spawn(async move {
                 let res = ractor::call_t!(worker, PartitionWorkerMsg::Drain, timeout.as_millis() as u64);
-                match res {
-                    Ok(Ok(committed)) => {
+                match res.map_err(|e| e.to_string()).and_then(|r| r) {
+                    Ok(committed) => {
                         tracing::info!(partition = p, ?committed, elapsed = ?started.elapsed(), "partition drained");
                         let _ = worker.stop_and_wait(Some("drained".into()), Some(Duration::from_secs(5))).await;
                     }
-                    other => {
-                        let why = match other {
-                            Ok(Err(e)) => e,
-                            Err(e) => e.to_string(),
-                            Ok(Ok(_)) => unreachable!(),
-                        };
+                    Err(why) => {
                         tracing::warn!(partition = p, error = %why, "drain did not complete; uncommitted records will be re-read");
                         let _ = worker.kill_and_wait(Some(Duration::from_secs(5))).await;
                     }
@@ -649,7 +636,7 @@ fn kill_all(dc: &DriverContext, workers: Workers) {
 fn shutdown(consumer: &Arc<Consumer>, deadline: Instant) {
     let dc = consumer.context();
     tracing::info!("draining partitions for shutdown");
-    let workers = take_workers(dc);
+    let workers = take_workers(dc, None, true);
     let parts: Vec<i32> = workers.iter().map(|(p, _, _)| *p).collect();
     // Stop fetching so the drain has a fixed end.
     let _ = consumer.pause(&dc.tpl(&parts));
@@ -662,8 +649,7 @@ fn shutdown(consumer: &Arc<Consumer>, deadline: Instant) {
 fn abort(consumer: &Arc<Consumer>) {
     let dc = consumer.context();
     dc.ctx.abandon();
-    dc.state.lock().unwrap().pending.clear();
-    let workers = take_workers(dc);
+    let workers = take_workers(dc, None, false);
     kill_all(dc, workers);
     leave_group(consumer);
 }

@@ -313,19 +313,17 @@ impl PartitionerState {
                 self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
                 Ok(())
             }
-            Err(WorkError::Store(e)) if e.is_retryable() => {
+            Err(err) => {
+                let e = err.retryable()?;
                 metrics::counter!(m::PARTITIONER_ERRORS).increment(1);
                 self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
                 if let Some(ps) = self.parts.get_mut(&p) {
-                    let upload = &self.ctx.config.upload;
-                    ps.backoff = (ps.backoff * 2).clamp(upload.retry_initial_backoff, upload.retry_max_backoff);
+                    ps.backoff = self.ctx.config.upload.next_backoff(ps.backoff);
                     ps.retry_at = Some(Instant::now() + ps.backoff);
                     tracing::warn!(partition = p, error = %e, retry_in = ?ps.backoff, "partitioner will retry");
                 }
                 Ok(())
             }
-            Err(WorkError::Store(e)) => Err(e.into()),
-            Err(WorkError::Other(e)) => Err(e.into()),
         }
     }
 

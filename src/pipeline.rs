@@ -191,28 +191,10 @@ impl PipelineCtx {
         let timeout = self.config.shutdown.drain_timeout.as_millis() as u64;
         let partitioner = self.partitioner.lock().unwrap().clone();
         let compactor = self.compactor.lock().unwrap().clone();
-        let (a, b) =
-            tokio::join!(
-                async {
-                    match partitioner {
-                        Some(a) => ractor::call_t!(a, PartitionerMsg::Released, timeout, parts.to_vec())
-                            .map_err(|e| e.to_string()),
-                        None => Ok(()),
-                    }
-                },
-                async {
-                    match compactor {
-                        Some(a) => ractor::call_t!(a, CompactorMsg::Released, timeout, parts.to_vec())
-                            .map_err(|e| e.to_string()),
-                        None => Ok(()),
-                    }
-                }
-            );
-        for (who, r) in [("partitioner", a), ("compactor", b)] {
-            if let Err(e) = r {
-                tracing::warn!(actor = who, ?parts, error = %e, "did not confirm the release of revoked partitions");
-            }
-        }
+        tokio::join!(
+            confirm_release("partitioner", partitioner, PartitionerMsg::Released, parts, timeout),
+            confirm_release("compactor", compactor, CompactorMsg::Released, parts, timeout),
+        );
     }
 
     /// Forgets `parts` without waiting for the partitioner and compactor to confirm.
@@ -232,9 +214,9 @@ impl PipelineCtx {
     }
 
     /// The Hive partitions touched in `parts` since the last call, forgotten here.
-    pub fn take_touched(&self, parts: &[i32]) -> BTreeSet<HivePartition> {
+    pub fn take_touched(&self, parts: impl IntoIterator<Item = i32>) -> BTreeSet<HivePartition> {
         let mut touched = self.touched.lock().unwrap();
-        parts.iter().filter_map(|p| touched.remove(p)).flatten().collect()
+        parts.into_iter().filter_map(|p| touched.remove(&p)).flatten().collect()
     }
 
     /// At shutdown, before the partitions are released: lets the partitioner process every
@@ -259,6 +241,20 @@ impl PipelineCtx {
         if let Some(a) = self.partitioner.lock().unwrap().as_ref() {
             let _ = a.cast(PartitionerMsg::FileCommitted(name));
         }
+    }
+}
+
+/// Asks `actor` (if running) to let go of `parts` and waits up to `timeout_ms` for its answer.
+async fn confirm_release<M: ractor::Message>(
+    who: &str,
+    actor: Option<ActorRef<M>>,
+    msg: fn(Vec<i32>, RpcReplyPort<()>) -> M,
+    parts: &[i32],
+    timeout_ms: u64,
+) {
+    let Some(actor) = actor else { return };
+    if let Err(e) = ractor::call_t!(actor, msg, timeout_ms, parts.to_vec()) {
+        tracing::warn!(actor = who, ?parts, error = %e, "did not confirm the release of revoked partitions");
     }
 }
 

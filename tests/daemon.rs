@@ -13,15 +13,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Sum of a Prometheus counter over its labels, from the daemon's /metrics.
-fn counter(port: u16, name: &str) -> f64 {
-    let body = common::http_get(([127, 0, 0, 1], port).into(), "/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_commits_and_exits_zero() {
     let mut h = Harness::new(2).await;
@@ -40,7 +31,7 @@ async fn sigterm_drains_commits_and_exits_zero() {
         .unwrap();
     h.produce(3_000);
     wait_for("the daemon consumed everything", Duration::from_secs(120), || {
-        counter(port, "trstream_records_consumed_total") >= 3_000.0
+        common::metric(([127, 0, 0, 1], port).into(), "trstream_records_consumed_total").unwrap_or(0.0) >= 3_000.0
     })
     .await;
     assert!(h.raw_files().is_empty(), "nothing flushed before SIGTERM");

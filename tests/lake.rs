@@ -12,7 +12,7 @@ use common::{GROUP, Harness, wait_for};
 use trstream::audit::AuditReport;
 use trstream::lake::RawFileName;
 use trstream::metrics::{self as m, Stats};
-use trstream::{FaultPoint, Faults, Pipeline};
+use trstream::{FaultPoint, Faults};
 
 const DONE: Duration = Duration::from_secs(120);
 
@@ -149,10 +149,6 @@ async fn two_hundred_thousand_records_partitioned_and_compacted_while_ingesting(
     assert_eq!(Stats::get(&stats.restarts), 0);
 }
 
-fn buffered(p: &Pipeline) -> u64 {
-    p.stats.buffered_now()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_one_group_and_lake_write_each_record_once() {
     let mut h = Harness::new(4).await;
@@ -171,7 +167,7 @@ async fn two_instances_on_one_group_and_lake_write_each_record_once() {
     a.shutdown().await;
     h.produce(5_000);
     settle(&h).await;
-    wait_for("B's buffers released", DONE, || buffered(&b) == 0).await;
+    wait_for("B's buffers released", DONE, || b.stats.buffered_now() == 0).await;
     assert_clean(&h, &h.audit(&config).await);
     b.shutdown().await;
     h.assert_exactly_once(GROUP, false);

@@ -21,6 +21,17 @@ pub enum WorkError {
     Other(String),
 }
 
+impl WorkError {
+    /// The store error to retry after a backoff, or (`Err`) what must fail the actor.
+    pub fn retryable(self) -> Result<StoreError, String> {
+        match self {
+            WorkError::Store(e) if e.is_retryable() => Ok(e),
+            WorkError::Store(e) => Err(e.to_string()),
+            WorkError::Other(e) => Err(e),
+        }
+    }
+}
+
 impl From<StoreError> for WorkError {
     fn from(e: StoreError) -> Self {
         WorkError::Store(e)
