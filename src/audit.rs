@@ -397,9 +397,9 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
 /// One lake file's rows: (partition, offset, id hash).
 type FileRows = Vec<(i32, i64, u32)>;
 
-fn file_rows(key: &str, body: Vec<u8>) -> Result<FileRows, AuditError> {
+fn file_rows(key: &str, body: bytes::Bytes) -> Result<FileRows, AuditError> {
     let err = |e: &dyn std::fmt::Display| AuditError::File { key: key.to_string(), detail: e.to_string() };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body)).map_err(|e| err(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| err(&e))?;
     let schema = builder.parquet_schema();
     let wanted = ["transaction_id", "kafka_partition", "kafka_offset"];
     let indices: Vec<usize> =

@@ -283,7 +283,7 @@ impl CompactorState {
         let merged = tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), String> {
             let batches = bodies
                 .into_iter()
-                .map(|b| parquet::decode(bytes::Bytes::from(b)))
+                .map(parquet::decode)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("decoding a compaction input of {name}: {e}"))?;
             let batch = arrow_select::concat::concat_batches(&parquet::schema(), &batches)

@@ -370,7 +370,7 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result
     let src = name.clone();
     type Output = (table::HivePartition, String, usize, Vec<u8>);
     let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Output>, String> {
-        let batch = parquet::decode(bytes::Bytes::from(body)).map_err(|e| format!("decoding {src}: {e}"))?;
+        let batch = parquet::decode(body).map_err(|e| format!("decoding {src}: {e}"))?;
         let parts = table::split(&batch).map_err(|e| format!("splitting {src}: {e}"))?;
         parts
             .into_iter()

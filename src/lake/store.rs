@@ -145,8 +145,8 @@ impl LakeStore {
             })
     }
 
-    /// Deletes `key`; deleting a missing key succeeds (S3 semantics), so a retry is harmless.
-    /// Idempotent: deleting a key that is not there (S3 answers 204, some stores 404) is success.
+    /// Deletes `key`. Idempotent: deleting a key that is not there (S3 answers 204, some stores
+    /// 404) is success, so a retry or a second recovery is harmless.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.client.delete_object().bucket(&self.bucket).key(key).send().await {
             Ok(_) => Ok(()),
@@ -169,7 +169,7 @@ impl LakeStore {
     }
 
     /// The object at `key`, or `None` when there is none.
-    pub async fn get_opt(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub async fn get_opt(&self, key: &str) -> Result<Option<bytes::Bytes>, StoreError> {
         match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => {
                 let body = out.body.collect().await.map_err(|e| StoreError::Retryable {
@@ -177,7 +177,7 @@ impl LakeStore {
                     target: key.to_string(),
                     detail: e.to_string(),
                 })?;
-                Ok(Some(body.to_vec()))
+                Ok(Some(body.into_bytes()))
             }
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());
@@ -238,17 +238,12 @@ impl LakeStore {
             .max_by_key(|n| n.last_offset))
     }
 
-    pub async fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        let out = self.client.get_object().bucket(&self.bucket).key(key).send().await.map_err(|e| {
-            let status = e.raw_response().map(|r| r.status().as_u16());
-            classify("GetObject", key, &e, status)
-        })?;
-        let body = out.body.collect().await.map_err(|e| StoreError::Retryable {
+    pub async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {
+        self.get_opt(key).await?.ok_or_else(|| StoreError::Fatal {
             op: "GetObject",
             target: key.to_string(),
-            detail: e.to_string(),
-        })?;
-        Ok(body.to_vec())
+            detail: "no such key".into(),
+        })
     }
 
     /// Readiness probe: the bucket answers.
