@@ -79,16 +79,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let mut parts = ready.split_whitespace().skip(1);
-    let (bootstrap, endpoint) =
-        (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
+    let mut field = || parts.next().unwrap_or_default().to_string();
+    let (bootstrap, endpoint, secret) = (field(), field(), field());
 
-    // TRSTREAM_* variables apply, so a deployment's own settings can be benchmarked.
-    let mut config = Config::load(&crate::config::Sources { env: std::env::vars().collect(), ..Default::default() })?;
+    // TRSTREAM_* variables apply, so a deployment's own settings can be benchmarked; the
+    // embedded store's credentials come last, so they win.
+    let credentials = [
+        ("TRSTREAM_S3_ACCESS_KEY_ID".to_string(), crate::embedded::ACCESS_KEY.to_string()),
+        ("TRSTREAM_S3_SECRET_ACCESS_KEY".to_string(), secret),
+    ];
+    let env = std::env::vars().chain(credentials).collect();
+    let mut config = Config::load(&crate::config::Sources { env, ..Default::default() })?;
     config.kafka.brokers = bootstrap.clone();
     config.kafka.group_id = "trstream-bench".into();
     config.s3.endpoint = endpoint;
-    config.s3.access_key_id = crate::embedded::ACCESS_KEY.into();
-    config.s3.secret_access_key = crate::embedded::SECRET_KEY.into();
     if let Some(rows) = args.flush_rows {
         config.flush.max_rows = rows;
     }
@@ -203,7 +207,7 @@ async fn infra(args: BenchArgs) -> anyhow::Result<()> {
         total += high;
     }
     anyhow::ensure!(total as u64 == args.records, "topic holds {total} records, expected {}", args.records);
-    println!("READY {} {}", kafka.bootstrap, s3.endpoint);
+    println!("READY {} {} {}", kafka.bootstrap, s3.endpoint, s3.secret_key);
     std::io::stdout().flush()?;
     let stdin_closed = Arc::new(AtomicBool::new(false));
     let flag = stdin_closed.clone();

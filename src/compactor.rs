@@ -51,14 +51,22 @@ pub enum CompactorMsg {
     Released(Vec<i32>, RpcReplyPort<()>),
 }
 
+/// Files, small files and bytes of one (Hive partition, Kafka partition) group.
+#[derive(Debug, Default, Clone, Copy)]
+struct FileCounts {
+    files: u64,
+    small: u64,
+    bytes: u64,
+}
+
 pub struct CompactorState {
     ctx: Arc<PipelineCtx>,
     to_recover: BTreeSet<i32>,
     plans: VecDeque<MergePlan>,
     /// Owned partitions whose files have not been listed since they were assigned.
     full_listing: BTreeSet<i32>,
-    /// Files and small files per (Hive partition, Kafka partition), for the lake gauges.
-    counts: BTreeMap<(HivePartition, i32), (u64, u64)>,
+    /// Per (Hive partition, Kafka partition), for the lake gauges.
+    counts: BTreeMap<(HivePartition, i32), FileCounts>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -219,8 +227,9 @@ impl CompactorState {
                 continue;
             }
             let count = self.counts.entry((hive.clone(), name.partition)).or_default();
-            count.0 += 1;
-            count.1 += u64::from(o.size < cfg.small_file_bytes);
+            count.files += 1;
+            count.small += u64::from(o.size < cfg.small_file_bytes);
+            count.bytes += o.size;
             if watermarks.get(&name.partition).is_some_and(|&w| name.last_offset <= w) {
                 groups.entry((hive, name.partition)).or_default().push((name, o.key, o.size));
             }
@@ -243,9 +252,14 @@ impl CompactorState {
 
     /// The lake gauges, from the counts of this instance's partitions.
     fn set_gauges(&self) {
-        let (files, small) = self.counts.values().fold((0, 0), |(f, s), &(cf, cs)| (f + cf, s + cs));
-        metrics::gauge!(m::LAKE_FILES, "table" => TABLE).set(files as f64);
-        metrics::gauge!(m::LAKE_SMALL_FILES, "table" => TABLE).set(small as f64);
+        let total = self.counts.values().fold(FileCounts::default(), |a, c| FileCounts {
+            files: a.files + c.files,
+            small: a.small + c.small,
+            bytes: a.bytes + c.bytes,
+        });
+        metrics::gauge!(m::LAKE_FILES, "table" => TABLE).set(total.files as f64);
+        metrics::gauge!(m::LAKE_SMALL_FILES, "table" => TABLE).set(total.small as f64);
+        metrics::gauge!(m::LAKE_BYTES, "table" => TABLE).set(total.bytes as f64);
     }
 
     async fn merge(&mut self, plan: &MergePlan) -> Result<(), WorkError> {
@@ -312,8 +326,9 @@ impl CompactorState {
         let before = plan.input_bytes();
         if let Some(count) = self.counts.get_mut(&(plan.hive.clone(), p)) {
             let small_bytes = self.ctx.config.compactor.small_file_bytes;
-            count.0 = count.0.saturating_sub(inputs as u64 - 1);
-            count.1 = count.1.saturating_sub(inputs as u64) + u64::from(after < small_bytes);
+            count.files = count.files.saturating_sub(inputs as u64 - 1);
+            count.small = count.small.saturating_sub(inputs as u64) + u64::from(after < small_bytes);
+            count.bytes = count.bytes.saturating_sub(before) + after;
         }
         self.set_gauges();
         let s = &self.ctx.stats;

@@ -71,6 +71,9 @@ pub struct KafkaConfig {
     /// Bound on a single Kafka admin/commit/metadata request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often the consumer lag on `/metrics` is refreshed (librdkafka's statistics interval).
+    #[serde(with = "humantime_serde")]
+    pub lag_interval: Duration,
     /// Extra librdkafka properties passed verbatim to the consumer and the DLQ producer.
     pub properties: BTreeMap<String, String>,
 }
@@ -87,6 +90,7 @@ impl Default for KafkaConfig {
             fetch_queue_kbytes: 16 * 1024,
             fetch_queue_backoff: Duration::from_millis(10),
             request_timeout: Duration::from_secs(10),
+            lag_interval: Duration::from_secs(5),
             properties: BTreeMap::new(),
         }
     }
@@ -122,8 +126,9 @@ impl Default for S3Config {
         S3Config {
             endpoint: "http://localhost:9000".into(),
             region: "us-east-1".into(),
-            access_key_id: "trstream".into(),
-            secret_access_key: "trstream-secret".into(),
+            // No built-in credentials: they come from the environment or the config file.
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
             raw_bucket: "raw-data".into(),
             table_bucket: "tb-transactions".into(),
             raw_prefix: "transactions".into(),
@@ -337,13 +342,14 @@ pub struct Sources {
 /// librdkafka properties trstream sets itself: overriding them through `kafka.properties` would
 /// break a guarantee (auto-commit breaks I1; a cooperative or KIP-848 protocol breaks the eager
 /// rebalance handling of the driver), so they are refused, naming the key to use instead.
-const OWNED_KAFKA_PROPERTIES: [(&str, &str); 11] = [
+const OWNED_KAFKA_PROPERTIES: [(&str, &str); 12] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("group.id", "kafka.group_id"),
     ("auto.offset.reset", "kafka.auto_offset_reset"),
     ("session.timeout.ms", "kafka.session_timeout"),
     ("queued.max.messages.kbytes", "kafka.fetch_queue_kbytes"),
     ("fetch.queue.backoff.ms", "kafka.fetch_queue_backoff"),
+    ("statistics.interval.ms", "kafka.lag_interval"),
     ("enable.auto.commit", "nothing: trstream commits only after the upload (I1)"),
     ("enable.auto.offset.store", "nothing: trstream commits explicit offsets"),
     ("enable.partition.eof", "nothing"),
@@ -494,6 +500,20 @@ impl Config {
         if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://")) {
             return err("s3.endpoint", format!("{:?} must start with http:// or https://", self.s3.endpoint));
         }
+        for (key, value, env) in [
+            ("s3.access_key_id", &self.s3.access_key_id, "TRSTREAM_S3_ACCESS_KEY_ID"),
+            ("s3.secret_access_key", &self.s3.secret_access_key, "TRSTREAM_S3_SECRET_ACCESS_KEY"),
+        ] {
+            if value.is_empty() {
+                return err(key, format!("is not set; trstream has no built-in credentials: set {env}"));
+            }
+        }
+        if self.kafka.lag_interval < Duration::from_millis(100) {
+            return err(
+                "kafka.lag_interval",
+                format!("{} is too short: at least 100ms", humantime::format_duration(self.kafka.lag_interval)),
+            );
+        }
         if self.s3.raw_bucket.is_empty() {
             return err("s3.raw_bucket", "must not be empty".into());
         }
@@ -627,7 +647,15 @@ impl fmt::Display for Config {
 mod tests {
     use super::*;
 
+    const CREDENTIALS: [(&str, &str); 2] =
+        [("TRSTREAM_S3_ACCESS_KEY_ID", "key"), ("TRSTREAM_S3_SECRET_ACCESS_KEY", "secret")];
+
+    /// Loads from a file, `env` and `overrides`, with the S3 credentials in the environment.
     fn load_str(toml_text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Config, ConfigError> {
+        load_with(toml_text, &[&CREDENTIALS[..], env].concat(), overrides)
+    }
+
+    fn load_with(toml_text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trstream.toml");
         std::fs::write(&path, toml_text).unwrap();
@@ -639,9 +667,22 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_valid() {
-        Config::default().validate().unwrap();
-        assert_eq!(load_str("", &[], &[]).unwrap(), Config::default());
+    fn defaults_are_valid_given_credentials() {
+        let mut c = Config::default();
+        c.s3.access_key_id = "key".into();
+        c.s3.secret_access_key = "secret".into();
+        c.validate().unwrap();
+        assert_eq!(load_str("", &[], &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn credentials_are_never_built_in() {
+        let e = load_with("", &[], &[]).unwrap_err();
+        assert_eq!(e.key, "s3.access_key_id", "{e}");
+        assert!(e.to_string().contains("TRSTREAM_S3_ACCESS_KEY_ID"), "{e}");
+        let e = load_with("", &[CREDENTIALS[0]], &[]).unwrap_err();
+        assert_eq!(e.key, "s3.secret_access_key", "{e}");
+        assert!(e.to_string().contains("TRSTREAM_S3_SECRET_ACCESS_KEY"), "{e}");
     }
 
     #[test]

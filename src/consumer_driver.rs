@@ -13,7 +13,7 @@
 //! - I4: a partition whose budget is over its cap, or any partition while the total is over the
 //!   total cap, is paused; it resumes once its worker has committed enough to fall below half.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -86,9 +86,38 @@ pub struct DriverContext {
     state: Mutex<DriverState>,
     recoveries: Mutex<(std::sync::mpsc::Sender<RecoveryDone>, Option<Receiver<RecoveryDone>>)>,
     attempts: std::sync::atomic::AtomicU64,
+    /// Partitions whose consumer lag this instance last reported.
+    lag_reported: Mutex<BTreeSet<i32>>,
 }
 
-impl ClientContext for DriverContext {}
+impl ClientContext for DriverContext {
+    /// librdkafka's statistics, every `kafka.lag_interval`: the consumer lag of each owned
+    /// partition, as the log end (high watermark) minus the committed offset.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let owned: BTreeSet<i32> = self.state.lock().unwrap().slots.keys().copied().collect();
+        let topic = statistics.topics.get(self.topic());
+        let mut reported = self.lag_reported.lock().unwrap();
+        for &p in &owned {
+            let Some(part) = topic.and_then(|t| t.partitions.get(&p)) else { continue };
+            if part.hi_offset < 0 {
+                continue; // not fetched yet
+            }
+            // Nothing committed yet: everything from the log start is behind.
+            let committed = if part.committed_offset >= 0 { part.committed_offset } else { part.lo_offset.max(0) };
+            let lag = (part.hi_offset - committed).max(0);
+            metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
+            reported.insert(p);
+        }
+        // A partition given up is its new owner's to report: summed over replicas, it counts once.
+        reported.retain(|p| {
+            let keep = owned.contains(p);
+            if !keep {
+                metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(0.0);
+            }
+            keep
+        });
+    }
+}
 
 impl ConsumerContext for DriverContext {
     fn rebalance(&self, base: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
@@ -123,6 +152,7 @@ impl DriverContext {
             state: Mutex::new(DriverState::default()),
             recoveries: Mutex::new((tx, Some(rx))),
             attempts: std::sync::atomic::AtomicU64::new(0),
+            lag_reported: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -328,7 +358,12 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
                     routed += 1;
                     let mut st = dc.state.lock().unwrap();
                     if matches!(st.slots.get(&msg.partition()), Some(Slot::Ready { .. })) {
-                        st.pending.entry(msg.partition()).or_default().push(msg.offset(), msg.key(), msg.payload());
+                        st.pending.entry(msg.partition()).or_default().push(
+                            msg.offset(),
+                            msg.timestamp().to_millis().map_or(0, |ms| ms.saturating_mul(1000)),
+                            msg.key(),
+                            msg.payload(),
+                        );
                     }
                 }
                 Some(Err(e)) => {
@@ -346,6 +381,7 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
             last_gauge = Instant::now();
             let total = dc.ctx.total_buffered.load(Ordering::Relaxed);
             metrics::gauge!(m::BUFFERED_BYTES).set(total as f64);
+            metrics::gauge!(m::BUFFERED_RECORDS).set(dc.ctx.total_buffered_records.load(Ordering::Relaxed) as f64);
         }
     }
 }
@@ -557,7 +593,7 @@ fn hand_over(worker: &ActorRef<PartitionWorkerMsg>, budget: &PartitionBudget, ch
     if chunk.is_empty() {
         return;
     }
-    budget.acquire(chunk.accounted_bytes());
+    budget.acquire(chunk.accounted_bytes(), chunk.entries.len());
     let _ = worker.cast(PartitionWorkerMsg::Records(chunk));
 }
 

@@ -226,7 +226,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             kafka.bootstrap,
             s3.endpoint,
             crate::embedded::ACCESS_KEY,
-            crate::embedded::SECRET_KEY
+            s3.secret_key
         );
         let _ = tokio::signal::ctrl_c().await;
     }

@@ -17,8 +17,8 @@ use rdkafka::producer::DefaultProducerContext;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 
+/// The embedded store's access key id; its secret is drawn at random for each store.
 pub const ACCESS_KEY: &str = "trstream";
-pub const SECRET_KEY: &str = "trstream-secret";
 
 /// librdkafka's in-process mock cluster. Not `Send`: keep it on the thread that made it.
 pub struct EmbeddedKafka {
@@ -41,6 +41,8 @@ impl EmbeddedKafka {
 /// s3s-fs serving `root` (one sub-folder per bucket) on a loopback port.
 pub struct EmbeddedS3 {
     pub endpoint: String,
+    /// The secret key of [`ACCESS_KEY`], random per store (no credential is built in).
+    pub secret_key: String,
     pub addr: SocketAddr,
     pub root: PathBuf,
     down: Arc<AtomicBool>,
@@ -54,11 +56,12 @@ impl EmbeddedS3 {
             std::fs::create_dir_all(root.join(b))?;
         }
         let root = std::fs::canonicalize(root)?;
+        let secret_key = uuid::Uuid::new_v4().simple().to_string();
         let fs = s3s_fs::FileSystem::new(&root)
             .map_err(|e| std::io::Error::other(format!("s3s-fs over {}: {e:?}", root.display())))?;
         let service = {
             let mut b = S3ServiceBuilder::new(fs);
-            b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+            b.set_auth(SimpleAuth::from_single(ACCESS_KEY, secret_key.as_str()));
             b.build()
         };
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
@@ -95,7 +98,7 @@ impl EmbeddedS3 {
                 });
             }
         });
-        Ok(EmbeddedS3 { endpoint: format!("http://{addr}"), addr, root, down, stop })
+        Ok(EmbeddedS3 { secret_key, endpoint: format!("http://{addr}"), addr, root, down, stop })
     }
 
     /// Simulates an outage (every request answers 503) or ends it.
@@ -107,7 +110,7 @@ impl EmbeddedS3 {
     pub fn configure(&self, s3: &mut crate::config::S3Config) {
         s3.endpoint = self.endpoint.clone();
         s3.access_key_id = ACCESS_KEY.into();
-        s3.secret_access_key = SECRET_KEY.into();
+        s3.secret_access_key = self.secret_key.clone();
         s3.force_path_style = true;
     }
 }

@@ -29,6 +29,18 @@ enum Command {
     Bench(trstream::bench::BenchArgs),
     /// Reconcile the topic, the DLQ and the lake: missing, duplicated, unexpected transactions.
     Audit(AuditArgs),
+    /// Ask a running daemon's /healthz or /readyz; exit 0 on 200 (for container health checks).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    /// The endpoint: /healthz (the supervision tree is up) or /readyz (consuming and able to upload).
+    #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
+    url: String,
+    /// Give up after this long, e.g. 3s.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -168,7 +180,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and the benchmark draw a progress line; only warnings may interrupt it.
     init_tracing(match cli.command {
-        Command::Demo(_) | Command::Bench(_) | Command::Audit(_) => "warn",
+        Command::Demo(_) | Command::Bench(_) | Command::Audit(_) | Command::Healthcheck(_) => "warn",
         _ => "info,librdkafka=warn,rdkafka=warn",
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -178,6 +190,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => rt.block_on(trstream::demo::run(args)),
         Command::Bench(args) => rt.block_on(trstream::bench::run(args)),
         Command::Audit(args) => rt.block_on(audit(args)),
+        Command::Healthcheck(args) => trstream::metrics::check_health(&args.url, args.timeout).map(|body| {
+            print!("{body}");
+        }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,16 +21,23 @@ pub const RECORDS_CONSUMED: &str = "trstream_records_consumed_total";
 pub const RECORDS_WRITTEN: &str = "trstream_records_written_total";
 pub const RECORDS_INVALID: &str = "trstream_records_invalid_total";
 pub const RECORDS_SKIPPED: &str = "trstream_records_skipped_total";
+pub const DLQ_RECORDS: &str = "trstream_dlq_records_total";
 pub const FILES_UPLOADED: &str = "trstream_files_uploaded_total";
 pub const FILES_ADOPTED: &str = "trstream_files_adopted_total";
 pub const UPLOAD_BYTES: &str = "trstream_upload_bytes_total";
+pub const UPLOAD_DURATION: &str = "trstream_upload_duration_seconds";
 pub const UPLOAD_ERRORS: &str = "trstream_upload_errors_total";
+pub const UPLOAD_RETRIES: &str = "trstream_upload_retries_total";
 pub const DLQ_ERRORS: &str = "trstream_dlq_errors_total";
 pub const COMMIT_ERRORS: &str = "trstream_commit_errors_total";
+pub const OFFSETS_COMMITTED: &str = "trstream_offsets_committed_total";
+pub const CONSUMER_LAG: &str = "trstream_consumer_lag_records";
+pub const END_TO_END_LATENCY: &str = "trstream_end_to_end_latency_seconds";
 pub const FLUSHES: &str = "trstream_flushes_total";
 pub const FLUSH_DURATION: &str = "trstream_flush_duration_seconds";
 pub const ACTOR_RESTARTS: &str = "trstream_actor_restarts_total";
 pub const BUFFERED_BYTES: &str = "trstream_buffered_bytes";
+pub const BUFFERED_RECORDS: &str = "trstream_buffered_records";
 pub const PARTITIONS_PAUSED: &str = "trstream_partitions_paused";
 pub const PARTITIONS_ASSIGNED: &str = "trstream_partitions_assigned";
 pub const COMMITTED_OFFSET: &str = "trstream_committed_offset";
@@ -47,8 +54,29 @@ pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_to
 pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
 pub const LAKE_FILES: &str = "trstream_lake_files";
 pub const LAKE_SMALL_FILES: &str = "trstream_lake_small_files";
+pub const LAKE_BYTES: &str = "trstream_lake_bytes";
+pub const READY: &str = "trstream_ready";
+pub const RESIDENT_MEMORY: &str = "trstream_process_resident_memory_bytes";
+pub const BUILD_INFO: &str = "trstream_build_info";
 
-const FLUSH_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// The `actor` label of [`ACTOR_RESTARTS`]: a consumer driver failure restarts the whole ingest
+/// subtree, so it counts under `ingest_supervisor`.
+pub const ACTOR_KINDS: [&str; 4] = ["partition_worker", "ingest_supervisor", "partitioner", "compactor"];
+
+/// Flush and upload durations, seconds: a flush is milliseconds on a healthy store, and retries
+/// during an outage stretch it to the upload backoff's ceiling.
+const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// End-to-end latency, seconds: a record normally waits for `flush.max_age` (seconds); the tail
+/// reaches an hour for a backlog read after an outage.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0];
+
+/// Latency from each record's broker timestamp, and from its `event_time`, to the commit that
+/// covers it. Observed for every record, so it is a plain bucket array rather than a recorder
+/// histogram (which would keep each sample until the next scrape).
+pub static LATENCY_FROM_BROKER: LatencyHistogram = LatencyHistogram::new("broker_time");
+pub static LATENCY_FROM_EVENT: LatencyHistogram = LatencyHistogram::new("event_time");
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -57,11 +85,13 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &FLUSH_BUCKETS)
+                .set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &DURATION_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(UPLOAD_DURATION.into()), &DURATION_BUCKETS))
                 .expect("buckets are non-empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            register();
             handle
         })
         .clone()
@@ -76,13 +106,19 @@ fn describe() {
     describe_counter!(FILES_UPLOADED, Unit::Count, "Raw Parquet files uploaded.");
     describe_counter!(FILES_ADOPTED, Unit::Count, "Uploaded-but-uncommitted files adopted by the recovery scan.");
     describe_counter!(UPLOAD_BYTES, Unit::Bytes, "Bytes of Parquet uploaded.");
-    describe_counter!(UPLOAD_ERRORS, Unit::Count, "Failed upload attempts (each retried).");
+    describe_counter!(DLQ_RECORDS, Unit::Count, "Records acknowledged by the DLQ topic.");
+    describe_histogram!(UPLOAD_DURATION, Unit::Seconds, "Time to upload one raw file, retries included.");
+    describe_counter!(UPLOAD_ERRORS, Unit::Count, "Failed upload attempts.");
+    describe_counter!(UPLOAD_RETRIES, Unit::Count, "Failed upload attempts that were retried.");
     describe_counter!(DLQ_ERRORS, Unit::Count, "Failed DLQ deliveries (each retried).");
     describe_counter!(COMMIT_ERRORS, Unit::Count, "Failed offset commits.");
+    describe_counter!(OFFSETS_COMMITTED, Unit::Count, "Offsets moved past by commits, by partition.");
+    describe_gauge!(CONSUMER_LAG, Unit::Count, "Log end offset minus committed offset, by owned partition.");
     describe_counter!(FLUSHES, Unit::Count, "Flushes, by trigger (rows, bytes, age, drain).");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Encode + upload + commit time of one flush.");
     describe_counter!(ACTOR_RESTARTS, Unit::Count, "Actors restarted by their supervisor, by actor kind.");
     describe_gauge!(BUFFERED_BYTES, Unit::Bytes, "Consumed-but-uncommitted bytes held in memory.");
+    describe_gauge!(BUFFERED_RECORDS, Unit::Count, "Consumed-but-uncommitted records held in memory.");
     describe_gauge!(PARTITIONS_PAUSED, Unit::Count, "Partitions paused for back-pressure.");
     describe_gauge!(PARTITIONS_ASSIGNED, Unit::Count, "Partitions assigned to this instance.");
     describe_gauge!(COMMITTED_OFFSET, Unit::Count, "Last committed offset, by partition.");
@@ -99,6 +135,167 @@ fn describe() {
     describe_counter!(COMPACTION_ERRORS, Unit::Count, "Failed compaction attempts (each retried).");
     describe_gauge!(LAKE_FILES, Unit::Count, "Files of owned partitions in a table, as of the last compaction pass.");
     describe_gauge!(LAKE_SMALL_FILES, Unit::Count, "Files under compactor.small_file_bytes, by table.");
+    describe_gauge!(
+        LAKE_BYTES,
+        Unit::Bytes,
+        "Bytes of the owned partitions' files in a table, as of the last compaction pass."
+    );
+    describe_gauge!(READY, Unit::Count, "1 when /readyz answers 200 (consuming and able to upload), else 0.");
+    describe_gauge!(RESIDENT_MEMORY, Unit::Bytes, "Resident set size of the process.");
+    describe_gauge!(BUILD_INFO, Unit::Count, "Always 1; the version is a label.");
+}
+
+/// Every series a dashboard reads exists from start-up, at zero, so that "nothing happened" is
+/// a 0 and not an empty graph. Series labelled by partition or trigger appear with their first
+/// event.
+fn register() {
+    use crate::record::RejectReason;
+    for name in [
+        RECORDS_SKIPPED,
+        DLQ_RECORDS,
+        FILES_UPLOADED,
+        FILES_ADOPTED,
+        UPLOAD_BYTES,
+        UPLOAD_ERRORS,
+        UPLOAD_RETRIES,
+        DLQ_ERRORS,
+        COMMIT_ERRORS,
+        PARTITIONER_FILES,
+        PARTITIONER_ROWS,
+        PARTITIONER_OUTPUT_FILES,
+        PARTITIONER_ERRORS,
+        COMPACTIONS,
+        COMPACTION_INPUT_FILES,
+        COMPACTION_INPUT_BYTES,
+        COMPACTION_OUTPUT_BYTES,
+        COMPACTION_ERRORS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in RejectReason::ALL {
+        metrics::counter!(RECORDS_INVALID, "reason" => reason.as_str()).increment(0);
+    }
+    for actor in ACTOR_KINDS {
+        metrics::counter!(ACTOR_RESTARTS, "actor" => actor).increment(0);
+    }
+    for name in [BUFFERED_BYTES, BUFFERED_RECORDS, PARTITIONS_PAUSED, PARTITIONS_ASSIGNED, PARTITIONER_LAG_FILES, READY]
+    {
+        metrics::gauge!(name).set(0.0);
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// A cumulative histogram over [`LATENCY_BUCKETS`] that takes a whole file's records at once.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    from: &'static str,
+    /// Per bucket (the last is `+Inf`), not cumulative; summed when rendered.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    const fn new(from: &'static str) -> Self {
+        LatencyHistogram {
+            from,
+            counts: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len() + 1],
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Observes `now_us - t` for each timestamp `t` (microseconds since the epoch); a timestamp
+    /// in the future (a producer's clock ahead of ours) counts as zero.
+    pub fn observe_since(&self, timestamps_us: &[i64], now_us: i64) {
+        if timestamps_us.is_empty() {
+            return;
+        }
+        let mut counts = [0u64; LATENCY_BUCKETS.len() + 1];
+        let mut sum = 0u64;
+        for &t in timestamps_us {
+            let micros = now_us.saturating_sub(t).max(0) as u64;
+            sum = sum.saturating_add(micros);
+            let secs = micros as f64 / 1e6;
+            counts[LATENCY_BUCKETS.partition_point(|&le| le < secs)] += 1;
+        }
+        for (c, n) in self.counts.iter().zip(counts) {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add(sum, Ordering::Relaxed);
+    }
+
+    /// Observations so far (for tests and the demo).
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mut cumulative = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            let le = LATENCY_BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "{END_TO_END_LATENCY}_bucket{{from=\"{}\",le=\"{le}\"}} {cumulative}", self.from);
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{END_TO_END_LATENCY}_sum{{from=\"{}\"}} {sum}", self.from);
+        let _ = writeln!(out, "{END_TO_END_LATENCY}_count{{from=\"{}\"}} {cumulative}", self.from);
+    }
+}
+
+/// The text of `/metrics`: the recorder's metrics after refreshing the ones read at scrape time,
+/// then the latency histograms.
+fn render(handle: &PrometheusHandle, health: &Health) -> String {
+    metrics::gauge!(READY).set(if health.ready() { 1.0 } else { 0.0 });
+    if let Some(rss) = resident_memory_bytes() {
+        metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
+    }
+    let mut out = handle.render();
+    out.push_str(&format!(
+        "# HELP {END_TO_END_LATENCY} Time from a record's broker timestamp or event_time to the commit that covers it.\n# TYPE {END_TO_END_LATENCY} histogram\n"
+    ));
+    LATENCY_FROM_BROKER.render(&mut out);
+    LATENCY_FROM_EVENT.render(&mut out);
+    out
+}
+
+/// `GET url` (plain `http://host:port/path`) on a daemon's health endpoint: the body on 200, an
+/// error naming the URL and the answer otherwise.
+pub fn check_health(url: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let rest =
+        url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("{url:?}: only http:// URLs are supported"))?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let addr = host
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("{url}: cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{url}: {host:?} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| anyhow::anyhow!("{url}: cannot connect: {e}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(body.to_string())
+    } else {
+        anyhow::bail!("{url} answered {status:?}: {}", body.trim())
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (Linux); `None` elsewhere.
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// In-process counters of one pipeline, for the demo line, the benchmark and tests.
@@ -172,6 +369,13 @@ pub struct Health {
     pub exit_reason: Mutex<Option<String>>,
 }
 
+impl Health {
+    /// What `/readyz` answers 200 to: consuming, and the last S3 operation succeeded.
+    pub fn ready(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed) && self.s3_ok.load(Ordering::Relaxed)
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
@@ -212,7 +416,7 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
             .expect("static response parts")
     };
     match path {
-        "/metrics" => text(StatusCode::OK, handle.render()),
+        "/metrics" => text(StatusCode::OK, render(handle, health)),
         "/healthz" => {
             if health.alive.load(Ordering::Relaxed) {
                 text(StatusCode::OK, "ok\n".into())
@@ -230,5 +434,35 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
             }
         }
         _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_histogram_renders_cumulative_buckets_sum_and_count() {
+        let h = LatencyHistogram::new("broker_time");
+        let now = 1_000_000_000_000;
+        // 0.2 s, 2 s, 2 h (beyond the last bucket), and a timestamp 1 s in the future (0).
+        h.observe_since(&[now - 200_000, now - 2_000_000, now - 7_200_000_000, now + 1_000_000], now);
+        h.observe_since(&[], now);
+        let mut out = String::new();
+        h.render(&mut out);
+        let value = |series: &str| -> f64 {
+            let line = out.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series} in {out}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let b = |le: &str| value(&format!("{END_TO_END_LATENCY}_bucket{{from=\"broker_time\",le=\"{le}\"}}"));
+        assert_eq!(b("0.1"), 1.0, "the future timestamp counts as 0");
+        assert_eq!(b("0.25"), 2.0);
+        assert_eq!(b("1"), 2.0);
+        assert_eq!(b("2.5"), 3.0);
+        assert_eq!(b("3600"), 3.0);
+        assert_eq!(b("+Inf"), 4.0);
+        assert_eq!(value(&format!("{END_TO_END_LATENCY}_count")), 4.0);
+        assert!((value(&format!("{END_TO_END_LATENCY}_sum")) - 7202.2).abs() < 1e-6);
+        assert_eq!(h.count(), 4);
     }
 }

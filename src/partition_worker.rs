@@ -33,12 +33,14 @@ pub struct RecordChunk {
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkEntry {
     pub offset: i64,
+    /// The broker's (or producer's) timestamp, microseconds since the epoch; 0 when absent.
+    pub timestamp_us: i64,
     pub key: Option<(u32, u32)>,
     pub payload: Option<(u32, u32)>,
 }
 
 impl RecordChunk {
-    pub fn push(&mut self, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
+    pub fn push(&mut self, offset: i64, timestamp_us: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
         let mut put = |b: &[u8]| {
             let start = self.data.len() as u32;
             self.data.extend_from_slice(b);
@@ -46,7 +48,7 @@ impl RecordChunk {
         };
         let key = key.map(&mut put);
         let payload = payload.map(&mut put);
-        self.entries.push(ChunkEntry { offset, key, payload });
+        self.entries.push(ChunkEntry { offset, timestamp_us, key, payload });
     }
 
     /// Bytes this chunk holds, as counted against the memory caps.
@@ -97,6 +99,11 @@ struct Window {
     last: i64,
     opened: Instant,
     bytes: usize,
+    records: usize,
+    /// Broker timestamps of every record and event times of the valid ones, observed as
+    /// end-to-end latencies once the commit covering them succeeds.
+    broker_times_us: Vec<i64>,
+    event_times_us: Vec<i64>,
 }
 
 pub struct PartitionWorkerState {
@@ -109,7 +116,8 @@ pub struct PartitionWorkerState {
     window: Option<Window>,
     dlq_pending: Vec<(DeadLetter, Option<DeliveryFuture>)>,
     next_offset: Option<i64>,
-    pending_commit: Option<i64>,
+    /// A commit owed without a flush: (next offset, offsets it covers).
+    pending_commit: Option<(i64, u64)>,
     committed: Option<i64>,
     tick: Option<tokio::task::JoinHandle<()>>,
 }
@@ -154,7 +162,8 @@ impl Actor for PartitionWorker {
         let max_age = args.ctx.config.flush.max_age;
         let period = (max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let tick = myself.send_interval(period, || PartitionWorkerMsg::Tick);
-        let pending_commit = args.adopted.as_ref().map(|f| f.last_offset + 1);
+        let pending_commit =
+            args.adopted.as_ref().map(|f| (f.last_offset + 1, (f.last_offset + 1 - f.first_offset) as u64));
         if let Some(f) = &args.adopted {
             args.ctx.stats.adopted_files.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::FILES_ADOPTED).increment(1);
@@ -198,8 +207,8 @@ impl Actor for PartitionWorker {
         match msg {
             PartitionWorkerMsg::Records(chunk) => state.on_records(chunk).await?,
             PartitionWorkerMsg::Tick => {
-                if let Some(next) = state.pending_commit {
-                    state.commit(next).await?;
+                if let Some((next, covers)) = state.pending_commit {
+                    state.commit(next, covers).await?;
                 }
                 let aged = state.window.as_ref().is_some_and(|w| w.opened.elapsed() >= state.ctx.config.flush.max_age);
                 if aged {
@@ -218,10 +227,24 @@ impl Actor for PartitionWorker {
     }
 }
 
+impl Window {
+    fn open(first: i64) -> Self {
+        Window {
+            first,
+            last: first,
+            opened: Instant::now(),
+            bytes: 0,
+            records: 0,
+            broker_times_us: Vec::new(),
+            event_times_us: Vec::new(),
+        }
+    }
+}
+
 impl PartitionWorkerState {
     async fn drain(&mut self) -> Result<(), ActorProcessingErr> {
-        if let Some(next) = self.pending_commit {
-            self.commit(next).await?;
+        if let Some((next, covers)) = self.pending_commit {
+            self.commit(next, covers).await?;
         }
         self.flush(Trigger::Drain).await
     }
@@ -244,12 +267,16 @@ impl PartitionWorkerState {
             if self.next_offset.is_none() && self.committed.is_none() && self.pending_commit.is_none() {
                 // Nothing committed yet for this partition: record where we start, so a
                 // replacement after a crash resumes here rather than at `auto.offset.reset`.
-                self.pending_commit = Some(e.offset);
+                self.pending_commit = Some((e.offset, 0));
             }
             consumed += 1;
+            let w = self.window.get_or_insert_with(|| Window::open(e.offset));
             let payload = chunk.slice(e.payload);
             match self.ctx.validator.validate(payload, now_us) {
-                Ok(t) => self.rows.push(&t, p, e.offset, now_us),
+                Ok(t) => {
+                    self.rows.push(&t, p, e.offset, now_us);
+                    w.event_times_us.push(t.event_time_us);
+                }
                 Err(rejection) => {
                     metrics::counter!(m::RECORDS_INVALID, "reason" => rejection.reason.as_str()).increment(1);
                     self.ctx.stats.invalid.fetch_add(1, Ordering::Relaxed);
@@ -265,10 +292,12 @@ impl PartitionWorkerState {
                     self.dlq_pending.push((dl, fut));
                 }
             }
-            let w =
-                self.window.get_or_insert(Window { first: e.offset, last: e.offset, opened: Instant::now(), bytes: 0 });
             w.last = e.offset;
             w.bytes += bytes;
+            w.records += 1;
+            if e.timestamp_us > 0 {
+                w.broker_times_us.push(e.timestamp_us);
+            }
             let over_bytes = w.bytes >= max_bytes;
             self.next_offset = Some(e.offset + 1);
             // Checked per record, so that a file never holds more than `flush.max_rows` rows.
@@ -278,8 +307,8 @@ impl PartitionWorkerState {
                 self.flush(Trigger::Bytes).await?;
             }
         }
-        if skipped_bytes > 0 {
-            self.budget.release(skipped_bytes);
+        if skipped > 0 {
+            self.budget.release(skipped_bytes, skipped as usize);
         }
         if consumed > 0 {
             metrics::counter!(m::RECORDS_CONSUMED, "partition" => self.partition_label.clone()).increment(consumed);
@@ -332,7 +361,10 @@ impl PartitionWorkerState {
             }
             file = Some(name);
         }
-        self.commit(w.last + 1).await?;
+        self.commit(w.last + 1, w.records as u64).await?;
+        let committed_us = now_micros();
+        m::LATENCY_FROM_BROKER.observe_since(&w.broker_times_us, committed_us);
+        m::LATENCY_FROM_EVENT.observe_since(&w.event_times_us, committed_us);
         if let Some(name) = file {
             self.ctx.file_committed(name);
         }
@@ -355,7 +387,7 @@ impl PartitionWorkerState {
         metrics::counter!(m::RECORDS_WRITTEN, "partition" => self.partition_label.clone()).increment(rows as u64);
         metrics::counter!(m::FLUSHES, "trigger" => trigger.as_str()).increment(1);
         metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
-        self.budget.release(w.bytes);
+        self.budget.release(w.bytes, w.records);
         Ok(())
     }
 
@@ -375,6 +407,7 @@ impl PartitionWorkerState {
                     .await
                     .map_err(|e| format!("DLQ write for offset {} abandoned at shutdown: {e}", dl.source_offset))?;
             }
+            metrics::counter!(m::DLQ_RECORDS).increment(1);
         }
         Ok(())
     }
@@ -383,10 +416,12 @@ impl PartitionWorkerState {
     async fn upload(&self, key: &str, body: bytes::Bytes) -> Result<PutOutcome, ActorProcessingErr> {
         let cfg = &self.ctx.config.upload;
         let mut wait = cfg.retry_initial_backoff;
+        let started = Instant::now();
         loop {
             match self.ctx.store.put_if_absent(key, body.clone()).await {
                 Ok(outcome) => {
                     self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
+                    metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
                     return Ok(outcome);
                 }
                 Err(e) if e.is_retryable() => {
@@ -397,6 +432,7 @@ impl PartitionWorkerState {
                     if self.ctx.abandoning() {
                         return Err(format!("upload of {key} abandoned at shutdown: {e}").into());
                     }
+                    metrics::counter!(m::UPLOAD_RETRIES).increment(1);
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(cfg.retry_max_backoff);
                 }
@@ -411,7 +447,7 @@ impl PartitionWorkerState {
 
     /// Synchronous commit of `next` (the next offset to read). A failure escalates: the
     /// supervisor restarts the worker, whose recovery scan adopts what was uploaded.
-    async fn commit(&mut self, next: i64) -> Result<(), ActorProcessingErr> {
+    async fn commit(&mut self, next: i64, covers: u64) -> Result<(), ActorProcessingErr> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.ctx.config.kafka.topic, self.partition, Offset::Offset(next))?;
         let consumer = self.consumer.clone();
@@ -423,6 +459,7 @@ impl PartitionWorkerState {
             return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
         }
         self.pending_commit = None;
+        metrics::counter!(m::OFFSETS_COMMITTED, "partition" => self.partition_label.clone()).increment(covers);
         self.committed = Some(next);
         self.ctx.stats.record_commit(self.partition, next);
         Ok(())
@@ -436,10 +473,10 @@ mod tests {
     #[test]
     fn entry_shares_add_up_to_the_chunk() {
         let mut chunk = RecordChunk::default();
-        chunk.push(1, Some(b"user-1"), Some(b"{\"a\":1}"));
-        chunk.push(2, None, Some(b"{}"));
-        chunk.push(3, Some(b"k"), None);
-        chunk.push(4, None, None);
+        chunk.push(1, 0, Some(b"user-1"), Some(b"{\"a\":1}"));
+        chunk.push(2, 0, None, Some(b"{}"));
+        chunk.push(3, 0, Some(b"k"), None);
+        chunk.push(4, 0, None, None);
         let sum: usize = chunk.entries.iter().map(RecordChunk::entry_bytes).sum();
         assert_eq!(sum, chunk.accounted_bytes());
         assert_eq!(chunk.slice(chunk.entries[0].key), Some(&b"user-1"[..]));

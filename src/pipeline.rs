@@ -143,6 +143,8 @@ pub struct PipelineCtx {
     pub instance: String,
     /// Consumed-but-uncommitted bytes of all partitions (I4).
     pub total_buffered: AtomicUsize,
+    /// The records those bytes hold.
+    pub total_buffered_records: AtomicUsize,
     abandon: AtomicBool,
     /// Kafka partitions this instance owns: the partitioner and compactor touch only their data (I5).
     owned: Mutex<BTreeSet<i32>>,
@@ -284,32 +286,42 @@ impl RestartIntensity {
 pub struct PartitionBudget {
     ctx: Arc<PipelineCtx>,
     buffered: AtomicUsize,
+    records: AtomicUsize,
 }
 
 impl PartitionBudget {
     pub fn new(ctx: Arc<PipelineCtx>) -> Self {
-        PartitionBudget { ctx, buffered: AtomicUsize::new(0) }
+        PartitionBudget { ctx, buffered: AtomicUsize::new(0), records: AtomicUsize::new(0) }
     }
 
     pub fn buffered(&self) -> usize {
         self.buffered.load(Ordering::Relaxed)
     }
 
-    pub fn acquire(&self, n: usize) {
-        self.buffered.fetch_add(n, Ordering::Relaxed);
-        self.ctx.total_buffered.fetch_add(n, Ordering::Relaxed);
+    /// `bytes` (as counted by [`RecordChunk::accounted_bytes`]) in `records` records handed over.
+    ///
+    /// [`RecordChunk::accounted_bytes`]: crate::partition_worker::RecordChunk::accounted_bytes
+    pub fn acquire(&self, bytes: usize, records: usize) {
+        self.buffered.fetch_add(bytes, Ordering::Relaxed);
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_add(bytes, Ordering::Relaxed);
+        self.ctx.total_buffered_records.fetch_add(records, Ordering::Relaxed);
     }
 
-    pub fn release(&self, n: usize) {
-        let prev = self.buffered.fetch_sub(n, Ordering::Relaxed);
-        debug_assert!(prev >= n, "released more than acquired");
-        self.ctx.total_buffered.fetch_sub(n, Ordering::Relaxed);
+    pub fn release(&self, bytes: usize, records: usize) {
+        let prev = self.buffered.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(prev >= bytes, "released more than acquired");
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_sub(bytes, Ordering::Relaxed);
+        self.ctx.total_buffered_records.fetch_sub(records, Ordering::Relaxed);
     }
 
     /// Returns everything still held (the worker is gone).
     pub fn release_all(&self) {
-        let n = self.buffered.swap(0, Ordering::Relaxed);
-        self.ctx.total_buffered.fetch_sub(n, Ordering::Relaxed);
+        let bytes = self.buffered.swap(0, Ordering::Relaxed);
+        let records = self.records.swap(0, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_sub(bytes, Ordering::Relaxed);
+        self.ctx.total_buffered_records.fetch_sub(records, Ordering::Relaxed);
     }
 }
 
@@ -335,6 +347,7 @@ fn consumer_config(config: &Config) -> ClientConfig {
         .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
         .set("queued.max.messages.kbytes", k.fetch_queue_kbytes.to_string())
         .set("fetch.queue.backoff.ms", k.fetch_queue_backoff.as_millis().to_string())
+        .set("statistics.interval.ms", k.lag_interval.as_millis().to_string())
         .set("partition.assignment.strategy", "range,roundrobin");
     for (key, v) in &k.properties {
         c.set(key, v);
@@ -738,6 +751,7 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
         faults: faults.clone(),
         instance: instance.clone(),
         total_buffered: AtomicUsize::new(0),
+        total_buffered_records: AtomicUsize::new(0),
         abandon: AtomicBool::new(false),
         owned: Mutex::new(BTreeSet::new()),
         touched: Mutex::new(BTreeMap::new()),

@@ -3,9 +3,11 @@
 
 use std::process::{Command, Output};
 
+/// Runs trstream with S3 credentials in the environment (there are none built in) and `env`.
 fn trstream(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trstream"));
     cmd.args(args);
+    cmd.env("TRSTREAM_S3_ACCESS_KEY_ID", "key").env("TRSTREAM_S3_SECRET_ACCESS_KEY", "secret");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -49,6 +51,9 @@ fn each_kind_of_bad_configuration_is_refused_by_name() {
     assert_refused(&["run"], &[("TRSTREAM_FLUSH_MAX_ROWZ", "1")], "max_rowz");
     assert_refused(&["run", "--set", "flush.max_rows=0"], &[], "flush.max_rows");
     assert_refused(&["run", "--s3-endpoint", "minio:9000"], &[], "s3.endpoint");
+    assert_refused(&["run"], &[("TRSTREAM_S3_ACCESS_KEY_ID", "")], "TRSTREAM_S3_ACCESS_KEY_ID");
+    assert_refused(&["run"], &[("TRSTREAM_S3_SECRET_ACCESS_KEY", "")], "s3.secret_access_key");
+    assert_refused(&["run", "--set", "kafka.lag_interval=10ms"], &[], "kafka.lag_interval");
     assert_refused(
         &["run", "--set", "memory.total_max_buffered_bytes=1000"],
         &[],
@@ -69,6 +74,17 @@ fn print_config_shows_the_effective_values_without_the_secret() {
     assert!(text.contains("max_age = \"3s\""), "{text}");
     assert!(text.contains("brokers = \"kafka:9092\""), "{text}");
     assert!(!text.contains("hunter2"), "the secret is redacted");
+}
+
+#[test]
+fn healthcheck_fails_naming_the_url_when_nothing_answers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let out = trstream(&["healthcheck", "--url", &url, "--timeout", "1s"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&url), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = trstream(&["healthcheck", "--url", "https://x/healthz"], &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("http://"));
 }
 
 #[test]

@@ -35,6 +35,14 @@ async fn sigterm_drains_commits_and_exits_zero() {
     })
     .await;
     assert!(h.raw_files().is_empty(), "nothing flushed before SIGTERM");
+    // What a container health check runs.
+    for path in ["/healthz", "/readyz"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_trstream"))
+            .args(["healthcheck", "--url", &format!("http://127.0.0.1:{port}{path}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
