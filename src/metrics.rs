@@ -67,10 +67,10 @@ pub const ACTOR_KINDS: [&str; 4] = ["partition_worker", "ingest_supervisor", "pa
 /// during an outage stretch it to the upload backoff's ceiling.
 const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-/// End-to-end latency, seconds: a record normally waits for `flush.max_age` (seconds); the tail
-/// reaches an hour for a backlog read after an outage.
-const LATENCY_BUCKETS: [f64; 14] =
-    [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0];
+/// End-to-end latency, seconds: a record normally waits for `flush.max_age` (seconds); a backlog
+/// read after an outage takes minutes to hours, and event times may be days old (backfills).
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 86400.0];
 
 /// Latency from each record's broker timestamp, and from its `event_time`, to the commit that
 /// covers it. Observed for every record, so it is a plain bucket array rather than a recorder
@@ -445,8 +445,8 @@ mod tests {
     fn latency_histogram_renders_cumulative_buckets_sum_and_count() {
         let h = LatencyHistogram::new("broker_time");
         let now = 1_000_000_000_000;
-        // 0.2 s, 2 s, 2 h (beyond the last bucket), and a timestamp 1 s in the future (0).
-        h.observe_since(&[now - 200_000, now - 2_000_000, now - 7_200_000_000, now + 1_000_000], now);
+        // 0.2 s, 2 s, 2 days (beyond the last bucket), and a timestamp 1 s in the future (0).
+        h.observe_since(&[now - 200_000, now - 2_000_000, now - 172_800_000_000, now + 1_000_000], now);
         h.observe_since(&[], now);
         let mut out = String::new();
         h.render(&mut out);
@@ -459,10 +459,10 @@ mod tests {
         assert_eq!(b("0.25"), 2.0);
         assert_eq!(b("1"), 2.0);
         assert_eq!(b("2.5"), 3.0);
-        assert_eq!(b("3600"), 3.0);
+        assert_eq!(b("86400"), 3.0);
         assert_eq!(b("+Inf"), 4.0);
         assert_eq!(value(&format!("{END_TO_END_LATENCY}_count")), 4.0);
-        assert!((value(&format!("{END_TO_END_LATENCY}_sum")) - 7202.2).abs() < 1e-6);
+        assert!((value(&format!("{END_TO_END_LATENCY}_sum")) - 172_802.2).abs() < 1e-6);
         assert_eq!(h.count(), 4);
     }
 }
