@@ -108,14 +108,10 @@ impl ClientContext for DriverContext {
             metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
             reported.insert(p);
         }
-        // A partition given up is its new owner's to report: summed over replicas, it counts once.
-        reported.retain(|p| {
-            let keep = owned.contains(p);
-            if !keep {
-                metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(0.0);
-            }
-            keep
-        });
+        drop(reported);
+        let given_up: Vec<i32> =
+            self.lag_reported.lock().unwrap().iter().copied().filter(|p| !owned.contains(p)).collect();
+        self.clear_lag(&given_up);
     }
 }
 
@@ -225,8 +221,20 @@ impl DriverContext {
         metrics::gauge!(m::PARTITIONS_ASSIGNED).set(self.state.lock().unwrap().slots.len() as f64);
     }
 
+    /// A partition given up is its new owner's to report: its lag here drops to 0, so that the
+    /// sum over replicas counts each partition once.
+    fn clear_lag(&self, parts: &[i32]) {
+        let mut reported = self.lag_reported.lock().unwrap();
+        for p in parts {
+            if reported.remove(p) {
+                metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(0.0);
+            }
+        }
+    }
+
     fn on_revoke(&self, parts: &[i32], lost: bool) {
         tracing::info!(?parts, lost, "partitions revoked");
+        self.clear_lag(parts);
         let workers = take_workers(self, Some(parts), !lost);
         if Self::in_runtime() {
             // Cannot wait here (the consumer is being dropped on the runtime): let go at once.
@@ -698,5 +706,8 @@ fn leave_group(consumer: &Arc<Consumer>) {
     while Instant::now() < until && !consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
         let _ = consumer.poll(Duration::from_millis(50));
     }
-    consumer.context().ctx.health.consuming.store(false, Ordering::Relaxed);
+    let dc = consumer.context();
+    dc.ctx.health.consuming.store(false, Ordering::Relaxed);
+    let reported: Vec<i32> = dc.lag_reported.lock().unwrap().iter().copied().collect();
+    dc.clear_lag(&reported);
 }
