@@ -207,8 +207,21 @@ async fn every_dashboard_query_returns_data_from_prometheus_scraping_a_loaded_da
 
     assert_names_follow_the_convention(&body);
 
-    pipeline.shutdown().await;
     h.assert_exactly_once(common::GROUP, false);
+
+    // With the store down nothing commits, so the lag grows; a consumer that stops owns nothing
+    // and its lag reads 0 at once, not its last statistics.
+    h.s3.set_down(true);
+    h.produce(2_000);
+    wait_for("a lag while nothing can commit", Duration::from_secs(30), || {
+        common::metric(addr, m::CONSUMER_LAG).is_some_and(|lag| lag > 0.0)
+    })
+    .await;
+    pipeline.shutdown().await;
+    let after = m::install().render();
+    let lags: Vec<&str> = after.lines().filter(|l| l.starts_with(m::CONSUMER_LAG)).collect();
+    assert_eq!(lags.len(), h.partitions as usize, "{lags:?}");
+    assert!(lags.iter().all(|l| l.ends_with(" 0")), "{lags:?}");
 }
 
 /// Every series the dashboard reads without a partition or trigger label exists from start-up.
