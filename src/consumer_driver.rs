@@ -360,10 +360,19 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
             std::thread::sleep(Duration::from_millis(2));
             routed = MAX_BATCH;
         }
+        // Bytes polled this round, not yet counted in a budget: the round ends at the record that
+        // crosses the total cap, not up to MAX_BATCH records later (I4). The first poll of a
+        // round always happens: it also serves rebalances and statistics.
+        let (cap, mut polled) = (dc.ctx.config.memory.total_max_buffered_bytes, 0);
         while routed < MAX_BATCH {
+            if routed > 0 && dc.ctx.total_buffered.load(Ordering::Relaxed) + polled > cap {
+                break;
+            }
             match consumer.poll(timeout) {
                 Some(Ok(msg)) => {
                     routed += 1;
+                    polled +=
+                        msg.payload_len() + msg.key_len() + std::mem::size_of::<crate::partition_worker::ChunkEntry>();
                     let mut st = dc.state.lock().unwrap();
                     if matches!(st.slots.get(&msg.partition()), Some(Slot::Ready { .. })) {
                         st.pending.entry(msg.partition()).or_default().push(
