@@ -108,9 +108,8 @@ impl ClientContext for DriverContext {
             metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
             reported.insert(p);
         }
+        let given_up: Vec<i32> = reported.iter().copied().filter(|p| !owned.contains(p)).collect();
         drop(reported);
-        let given_up: Vec<i32> =
-            self.lag_reported.lock().unwrap().iter().copied().filter(|p| !owned.contains(p)).collect();
         self.clear_lag(&given_up);
     }
 }

@@ -6,6 +6,7 @@
 //!
 //! `CHAOS_SEED=<n>` replays a run: the seed decides the records and every fault's moment.
 
+mod common;
 mod real;
 
 use std::sync::Arc;
@@ -59,6 +60,12 @@ impl Drop for Keep {
             eprintln!("kept for inspection (logs, configs, data): {}", d.keep().display());
         }
     }
+}
+
+/// A service the harness kills and restarts.
+enum Service {
+    Broker,
+    Store,
 }
 
 /// What a producer thread sent.
@@ -144,6 +151,22 @@ impl Scenario {
         Duration::from_secs_f64(self.rng.random_range(range))
     }
 
+    /// After a random wait in `after`, SIGKILLs `service`, keeps it down for a random time in
+    /// `down` (seconds), and restarts it with its data.
+    fn outage(&mut self, service: Service, after: std::ops::Range<f64>, down: std::ops::Range<f64>) {
+        std::thread::sleep(self.pause(after));
+        match service {
+            Service::Broker => self.tansu.kill(),
+            Service::Store => self.garage.kill(),
+        }
+        self.faults += 1;
+        std::thread::sleep(self.pause(down));
+        match service {
+            Service::Broker => self.tansu.restart(),
+            Service::Store => self.garage.restart(),
+        }
+    }
+
     /// Waits until `daemon` has committed the whole topic, stops it gracefully (the partitioner
     /// catches up on the way out), and audits. Prints the scenario's line and asserts it clean.
     fn finish(self, mut daemon: Daemon, sent: &Sent, restarts: u64) {
@@ -217,13 +240,7 @@ fn sigkill_of_the_broker_then_restart_loses_and_duplicates_nothing() {
     let (producer, sent) = s.produce(30_000, 2_500);
     let mut daemon = Daemon::start(s.dir.path(), "daemon", &s.config);
     for _ in 0..2 {
-        let wait = s.pause(2.0..4.0);
-        std::thread::sleep(wait);
-        s.tansu.kill();
-        s.faults += 1;
-        let down = s.pause(3.0..6.0);
-        std::thread::sleep(down);
-        s.tansu.restart();
+        s.outage(Service::Broker, 2.0..4.0, 3.0..6.0);
     }
     producer.join().unwrap();
     assert!(sent.done.load(Ordering::Relaxed));
@@ -246,9 +263,8 @@ fn sigkill_of_the_store_for_seconds_loses_nothing_and_memory_stays_capped() {
     let watcher = {
         let (stop, peak, http) = (stop.clone(), peak_buffered.clone(), daemon.http);
         std::thread::spawn(move || {
-            let probe = real::MetricsProbe(http);
             while !stop.load(Ordering::Relaxed) {
-                if let Some(b) = probe.metric("trstream_buffered_bytes") {
+                if let Some(b) = common::metric(http, "trstream_buffered_bytes") {
                     peak.fetch_max(b as u64, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -256,14 +272,8 @@ fn sigkill_of_the_store_for_seconds_loses_nothing_and_memory_stays_capped() {
         })
     };
     for _ in 0..2 {
-        let wait = s.pause(1.5..3.0);
-        std::thread::sleep(wait);
-        s.garage.kill();
-        s.faults += 1;
         // Far longer than the first upload backoff (100 ms): retries reach their ceiling.
-        let down = s.pause(4.0..8.0);
-        std::thread::sleep(down);
-        s.garage.restart();
+        s.outage(Service::Store, 1.5..3.0, 4.0..8.0);
     }
     producer.join().unwrap();
     assert!(sent.done.load(Ordering::Relaxed));

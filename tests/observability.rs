@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Harness, wait_for};
+use common::{Harness, free_port, wait_for};
 use serde_json::Value;
 use trstream::Faults;
 use trstream::metrics::{self as m, Stats};
@@ -25,10 +25,6 @@ fn yaml(path: &str) -> serde_norway::Value {
         serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"));
     v.apply_merge().unwrap_or_else(|e| panic!("{path}: merge keys: {e}"));
     v
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A Prometheus server on loopback, killed when dropped.

@@ -16,14 +16,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use trstream::config::Config;
 
+use crate::common::free_port;
+
 pub const TOPIC: &str = "transactions";
 pub const DLQ: &str = "transactions.dlq";
 pub const GROUP: &str = "trstream-chaos";
 pub const BUCKETS: [&str; 2] = ["raw-data", "tb-transactions"];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn binary(env: &str, name: &str) -> PathBuf {
     std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(name))
@@ -362,29 +360,7 @@ impl Daemon {
 
     /// A metric summed over its labels, from `/metrics`; `None` while it does not answer.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        MetricsProbe(self.http).metric(name)
-    }
-}
-
-/// Reads a daemon's `/metrics` from any thread.
-#[derive(Clone, Copy)]
-pub struct MetricsProbe(pub SocketAddr);
-
-impl MetricsProbe {
-    /// A metric summed over its labels; `None` while the daemon does not answer.
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect_timeout(&self.0, Duration::from_millis(500)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        let values: Vec<f64> = body
-            .lines()
-            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
+        crate::common::metric(self.http, name)
     }
 }
 
