@@ -358,7 +358,7 @@ const OWNED_KAFKA_PROPERTIES: [(&str, &str); 12] = [
 ];
 
 /// `TRSTREAM_` variables that are not configuration keys.
-const NOT_CONFIG_ENV: [&str; 1] = ["TRSTREAM_LOG"];
+const NOT_CONFIG_ENV: [&str; 2] = ["TRSTREAM_LOG", crate::faults::ENV];
 
 const SECTIONS: [&str; 12] = [
     "kafka",

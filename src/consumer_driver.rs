@@ -25,6 +25,7 @@ use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::faults::Kind;
 use crate::lake::RawFileName;
 use crate::metrics as m;
 use crate::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
@@ -390,6 +391,9 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
             }
             timeout = Duration::ZERO;
         }
+        // Polled records not yet handed over are lost with the driver: the restarted ingest
+        // subtree reads them again from the committed offsets.
+        dc.ctx.faults.maybe_panic(Kind::ConsumerDriver, "routing");
         dispatch(dc);
         holding = back_pressure(&consumer, &mut pressure_since);
         retry_recoveries(&consumer);

@@ -19,6 +19,14 @@ pub const HEADER_DETAIL: &str = "detail";
 pub const HEADER_SOURCE_TOPIC: &str = "source_topic";
 pub const HEADER_SOURCE_PARTITION: &str = "source_partition";
 pub const HEADER_SOURCE_OFFSET: &str = "source_offset";
+/// Set when the DLQ topic refused the record's size: the payload is its first
+/// [`TRUNCATED_PAYLOAD_BYTES`] bytes and this header holds the original length. The whole record
+/// is still in the source topic at `source_partition`/`source_offset`.
+pub const HEADER_PAYLOAD_TRUNCATED_FROM: &str = "payload_truncated_from";
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The largest record the consumer can be handed (librdkafka's `receive.message.max.bytes`):
+/// the DLQ producer accepts as much, so that an oversized record keeps its bytes.
+const MAX_DLQ_MESSAGE_BYTES: &str = "100000000";
 
 #[derive(Debug, thiserror::Error)]
 #[error("DLQ producer could not be created: {0}")]
@@ -32,6 +40,9 @@ pub struct DeadLetter {
     pub rejection: Rejection,
     pub source_partition: i32,
     pub source_offset: i64,
+    /// The payload's original length, when the DLQ refused its size (see
+    /// [`HEADER_PAYLOAD_TRUNCATED_FROM`]).
+    pub truncated_from: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -47,6 +58,9 @@ impl DlqProducer {
         if config.get("compression.type").is_none() {
             // Dead letters include oversized records: compressing them keeps the DLQ small.
             config.set("compression.type", "lz4");
+        }
+        if config.get("message.max.bytes").is_none() {
+            config.set("message.max.bytes", MAX_DLQ_MESSAGE_BYTES);
         }
         let producer: FutureProducer = config
             .set("enable.idempotence", "true")
@@ -67,6 +81,11 @@ impl DlqProducer {
             .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(self.source_topic.as_str()) })
             .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_str()) })
             .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) });
+        let original = dl.truncated_from.map(|n| n.to_string());
+        let headers = match &original {
+            Some(n) => headers.insert(Header { key: HEADER_PAYLOAD_TRUNCATED_FROM, value: Some(n.as_str()) }),
+            None => headers,
+        };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = &dl.key {
             record = record.key(k.as_slice());
@@ -87,8 +106,9 @@ impl DlqProducer {
         give_up: impl Fn() -> bool,
     ) -> Result<(), rdkafka::error::KafkaError> {
         let mut wait = backoff;
+        let mut truncated = None;
         loop {
-            let err = match self.send(dl) {
+            let err = match self.send(truncated.as_ref().unwrap_or(dl)) {
                 Ok(fut) => match fut.await {
                     Ok(Ok(_)) => return Ok(()),
                     Ok(Err((e, _))) => e,
@@ -97,6 +117,21 @@ impl DlqProducer {
                 Err(e) => e,
             };
             metrics::counter!(crate::metrics::DLQ_ERRORS).increment(1);
+            let len = dl.payload.as_ref().map_or(0, Vec::len);
+            if truncated.is_none()
+                && len > TRUNCATED_PAYLOAD_BYTES
+                && err.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+            {
+                // The DLQ topic takes smaller records than the source topic: keep the reason, the
+                // source coordinates and a prefix rather than stall the partition for ever.
+                tracing::warn!(partition = dl.source_partition, offset = dl.source_offset, bytes = len, error = %err,
+                    "the DLQ topic refused the record's size; dead-lettering its first {TRUNCATED_PAYLOAD_BYTES} bytes");
+                let mut t = dl.clone();
+                t.payload.as_mut().unwrap().truncate(TRUNCATED_PAYLOAD_BYTES);
+                t.truncated_from = Some(len);
+                truncated = Some(t);
+                continue;
+            }
             tracing::warn!(partition = dl.source_partition, offset = dl.source_offset, error = %err, "DLQ delivery failed, retrying");
             if give_up() {
                 return Err(err);

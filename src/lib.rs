@@ -4,7 +4,8 @@
 //! [`record`] (the transaction and its validation), [`partition_worker`] (buffer, flush,
 //! upload, commit), [`consumer_driver`] (the rdkafka consumer and rebalances), [`pipeline`]
 //! (the supervision tree and `run`), [`partitioner`] and [`compactor`] (the Hive-partitioned
-//! table), [`lake`] (file names, Parquet, S3), [`dlq`], [`metrics`], [`config`], plus the tools
+//! table), [`lake`] (file names, Parquet, S3), [`dlq`], [`metrics`], [`config`], [`faults`] (tests only),
+//! plus the tools
 //! around the daemon: [`produce`], [`embedded`], [`demo`], [`bench`], [`audit`].
 
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod consumer_driver;
 pub mod demo;
 pub mod dlq;
 pub mod embedded;
+pub mod faults;
 pub mod lake;
 pub mod metrics;
 pub mod partition_worker;
@@ -24,4 +26,5 @@ pub mod produce;
 pub mod record;
 
 pub use config::Config;
-pub use pipeline::{FaultPoint, Faults, Pipeline, run, start};
+pub use faults::{FaultPoint, Faults};
+pub use pipeline::{Pipeline, run, start};

@@ -209,7 +209,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         print!("{config}");
         return Ok(());
     }
-    trstream::run(config, shutdown_signal()).await
+    // Test-only fault injection (the chaos tests); never set in production.
+    let faults = match std::env::var(trstream::faults::ENV) {
+        Ok(spec) => {
+            let faults = Arc::new(trstream::Faults::from_spec(&spec).map_err(anyhow::Error::msg)?);
+            tracing::warn!(
+                spec,
+                "fault injection is ON ({}): actors will panic, the process may kill itself",
+                trstream::faults::ENV
+            );
+            if faults.arms_on_usr1() {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (faults, mut usr1) = (faults.clone(), signal(SignalKind::user_defined1())?);
+                tokio::spawn(async move {
+                    usr1.recv().await;
+                    tracing::warn!("SIGUSR1: the injected faults are armed");
+                    faults.arm_random();
+                });
+            }
+            faults
+        }
+        Err(_) => Arc::new(trstream::Faults::default()),
+    };
+    trstream::run(config, faults, shutdown_signal()).await
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<()> {

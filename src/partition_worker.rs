@@ -18,6 +18,7 @@ use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::dlq::DeadLetter;
+use crate::faults::{Kind, Moment};
 use crate::lake::{PutOutcome, RawFileName, parquet};
 use crate::metrics as m;
 use crate::pipeline::{Consumer, PartitionBudget, PipelineCtx};
@@ -254,6 +255,10 @@ impl PartitionWorkerState {
         let p = self.partition;
         let (max_rows, max_bytes) = (self.ctx.config.flush.max_rows, self.ctx.config.flush.max_bytes);
         let (mut consumed, mut skipped, mut skipped_bytes) = (0u64, 0u64, 0usize);
+        if self.window.is_some() {
+            self.ctx.faults.maybe_kill(Moment::MidBuffer);
+        }
+        self.ctx.faults.maybe_panic(Kind::PartitionWorker, "buffering");
         for e in &chunk.entries {
             let bytes = RecordChunk::entry_bytes(e);
             if self.next_offset.is_some_and(|n| e.offset < n) {
@@ -287,6 +292,7 @@ impl PartitionWorkerState {
                         rejection,
                         source_partition: p,
                         source_offset: e.offset,
+                        truncated_from: None,
                     };
                     let fut = self.ctx.dlq.send(&dl).ok();
                     self.dlq_pending.push((dl, fut));
@@ -350,12 +356,15 @@ impl PartitionWorkerState {
             size = body.len();
             let key = name.key(&self.ctx.config.s3.raw_prefix);
             encoded = started.elapsed();
+            self.ctx.faults.maybe_kill(Moment::MidUpload);
             outcome = Some(self.upload(&key, bytes::Bytes::from(body)).await?);
             uploaded = started.elapsed();
             self.ctx.stats.files.fetch_add(1, Ordering::Relaxed);
             self.ctx.stats.upload_bytes.fetch_add(size as u64, Ordering::Relaxed);
             metrics::counter!(m::FILES_UPLOADED).increment(1);
             metrics::counter!(m::UPLOAD_BYTES).increment(size as u64);
+            self.ctx.faults.maybe_kill(Moment::AfterUpload);
+            self.ctx.faults.maybe_panic(Kind::PartitionWorker, "after upload, before commit");
             if self.ctx.faults.take_crash_after_upload(p) {
                 return Err(format!("injected fault: crash after uploading {key}, before the commit").into());
             }

@@ -28,105 +28,13 @@ use crate::compactor::{Compactor, CompactorMsg};
 use crate::config::Config;
 use crate::consumer_driver::{self, DriverCmd, DriverContext};
 use crate::dlq::DlqProducer;
+use crate::faults::Faults;
 use crate::lake::{HivePartition, LakeStore, RawFileName};
 use crate::metrics::{self as m, Health, Stats};
 use crate::partitioner::{Partitioner, PartitionerMsg};
 use crate::record::Validator;
 
 pub type Consumer = BaseConsumer<DriverContext>;
-
-/// Test-only fault hooks. Nothing in configuration can set them; tests use them to crash a
-/// worker at a chosen point and check that supervision restores the end state.
-#[derive(Debug, Default)]
-pub struct Faults {
-    /// Any fault set at all: keeps the per-record check to one relaxed load in production.
-    armed: AtomicBool,
-    panic_at: Mutex<HashMap<i32, i64>>,
-    crash_after_upload: Mutex<HashMap<i32, u32>>,
-    points: Mutex<HashMap<FaultPoint, u32>>,
-}
-
-/// Steps of the partitioner and the compactor where a test can make the actor fail (I6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FaultPoint {
-    /// The partitioner wrote the first table file of a raw file, not the others nor the watermark.
-    PartitionerAfterFirstOutput,
-    /// The partitioner wrote every table file of a raw file, not the watermark.
-    PartitionerBeforeWatermark,
-    /// The compactor wrote its intent, not the merged file.
-    CompactorAfterIntent,
-    /// The compactor wrote the merged file, deleted no input.
-    CompactorAfterOutput,
-    /// The compactor deleted the first input, not the others nor the intent.
-    CompactorMidDeletes,
-}
-
-impl Faults {
-    /// The worker of `partition` panics once, on the first record at or after `offset`.
-    pub fn panic_at_offset(&self, partition: i32, offset: i64) {
-        self.panic_at.lock().unwrap().insert(partition, offset);
-        self.armed.store(true, Ordering::Relaxed);
-    }
-
-    /// The next `times` flushes of `partition` fail after the upload and before the commit.
-    pub fn crash_after_upload(&self, partition: i32, times: u32) {
-        self.crash_after_upload.lock().unwrap().insert(partition, times);
-        self.armed.store(true, Ordering::Relaxed);
-    }
-
-    /// The next `times` passes through `point` fail (the actor returns an error and is restarted).
-    pub fn fail_at(&self, point: FaultPoint, times: u32) {
-        self.points.lock().unwrap().insert(point, times);
-        self.armed.store(true, Ordering::Relaxed);
-    }
-
-    /// How many armed failures of `point` have not fired yet.
-    pub fn pending(&self, point: FaultPoint) -> u32 {
-        self.points.lock().unwrap().get(&point).copied().unwrap_or(0)
-    }
-
-    /// `Err` when a failure is armed at `point` (and uses it up).
-    pub(crate) fn check(&self, point: FaultPoint) -> Result<(), String> {
-        if !self.armed.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        match self.points.lock().unwrap().get_mut(&point) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                Err(format!("injected fault at {point:?}"))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    pub(crate) fn should_panic(&self, partition: i32, offset: i64) -> bool {
-        if !self.armed.load(Ordering::Relaxed) {
-            return false;
-        }
-        let mut map = self.panic_at.lock().unwrap();
-        match map.get(&partition) {
-            Some(&at) if offset >= at => {
-                map.remove(&partition);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    pub(crate) fn take_crash_after_upload(&self, partition: i32) -> bool {
-        if !self.armed.load(Ordering::Relaxed) {
-            return false;
-        }
-        let mut map = self.crash_after_upload.lock().unwrap();
-        match map.get_mut(&partition) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-}
 
 /// What every actor of one pipeline shares.
 pub struct PipelineCtx {
@@ -797,8 +705,9 @@ impl Pipeline {
 }
 
 /// `trstream run`: start, run until `shutdown` resolves, drain, exit.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut pipeline = start(config, Arc::new(Faults::default())).await?;
+/// `faults` is [`Faults::default`] outside the chaos tests.
+pub async fn run(config: Config, faults: Arc<Faults>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut pipeline = start(config, faults).await?;
     tokio::select! {
         () = shutdown => {
             tracing::info!("shutdown requested; draining");

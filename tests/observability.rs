@@ -451,3 +451,26 @@ fn dockerfile_is_multi_stage_and_unprivileged() {
     assert!(last_stage.contains("HEALTHCHECK") && last_stage.contains("EXPOSE 9464"));
     assert!(text.contains("--locked"), "the image builds from Cargo.lock");
 }
+
+#[test]
+fn compose_chaos_script_parses_passes_shellcheck_and_names_real_services() {
+    let script = repo("tests/chaos/compose-chaos.sh");
+    let out = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+    assert!(out.status.success(), "bash -n: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("shellcheck")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("shellcheck: {e} (.ci/run installs it from Debian)"));
+    assert!(out.status.success(), "shellcheck:\n{}", String::from_utf8_lossy(&out.stdout));
+    // The services it kills, stops and runs the audit in are the compose file's.
+    let compose = yaml("docker-compose.yml");
+    let text = std::fs::read_to_string(&script).unwrap();
+    for service in ["consumer", "kafka", "minio", "producer"] {
+        assert!(compose["services"].get(service).is_some(), "docker-compose.yml has no {service}");
+        assert!(text.contains(service), "the script does not mention {service}");
+    }
+    assert!(text.contains("docker compose kill -s KILL"), "it kills with SIGKILL, as a crash would");
+    assert!(text.contains("run --rm consumer audit"), "it ends with the audit");
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    assert!(readme.contains("tests/chaos/compose-chaos.sh"), "the README documents the script");
+}

@@ -336,12 +336,14 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 /// Sum of a Prometheus series over its labels, from `/metrics` at `addr`; `None` when absent.
+/// `name` may end in its first labels, `trstream_actor_restarts_total{actor="compactor"`.
 pub fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
     let body = http_get(addr, "/metrics");
+    let follows: &[char] = if name.contains('{') { &[',', '}'] } else { &['{', ' '] };
     let values: Vec<f64> = body
         .lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(follows)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())

@@ -313,6 +313,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `trstream run` with `config` (its `http.listen` replaced by a free port) as `name`.
     pub fn start(dir: &Path, name: &'static str, config: &Config) -> Daemon {
+        Daemon::start_with(dir, name, config, None)
+    }
+
+    /// [`Daemon::start`], with `TRSTREAM_FAULTS=faults` (test-only fault injection) if given.
+    pub fn start_with(dir: &Path, name: &'static str, config: &Config, faults: Option<&str>) -> Daemon {
         let mut config = config.clone();
         let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         config.http.listen = http.to_string();
@@ -327,8 +332,38 @@ impl Daemon {
             child: None,
             starts: 0,
         };
+        if let Some(spec) = faults {
+            process.envs.push((trstream::faults::ENV.into(), spec.into()));
+        }
         process.spawn();
-        Daemon { process, http }
+        let mut d = Daemon { process, http };
+        wait_until("the daemon's /metrics", Duration::from_secs(30), || {
+            d.process.assert_running();
+            d.metric("trstream_build_info").is_some()
+        });
+        d
+    }
+
+    /// Sends SIGUSR1 (arms `arm=usr1` faults).
+    pub fn signal_usr1(&self) {
+        if let Some(c) = &self.process.child {
+            let _ = Command::new("kill").args(["-USR1", &c.id().to_string()]).status();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to end on its own; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.process.child.as_mut()
+                && let Some(status) = c.try_wait().unwrap()
+            {
+                self.process.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILL: no drain, no commit, no goodbye to the group.
