@@ -200,3 +200,29 @@ async fn s3_down_at_assignment_defers_the_partition_until_the_recovery_scan_succ
     pipeline.shutdown().await;
     h.assert_exactly_once(GROUP, true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_the_dlq_topic_is_dead_lettered_as_a_prefix_and_nothing_stalls() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let mut h = Harness::new(1).await;
+    let mut config = h.config();
+    // The DLQ producer refuses records over 100 kB here, as a DLQ topic with a smaller
+    // max.message.bytes than the source topic would.
+    config.kafka.properties.insert("message.max.bytes".into(), "100000".into());
+    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    h.produce(500);
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26).collect();
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &h.kafka.bootstrap).create().unwrap();
+    producer.send(BaseRecord::<str, [u8]>::to("transactions").key("big").payload(&big)).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+    h.produce(500);
+    wait_for("all offsets committed past the big record", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    let prefix = trstream::dlq::TRUNCATED_PAYLOAD_BYTES;
+    let dead = h.dlq_records();
+    let found = dead.iter().find(|d| d.0.len() == prefix && big.starts_with(&d.0));
+    let (_, reason, _, _) = found.expect("the big record is in the DLQ, as its first 64 KiB");
+    assert_eq!(reason, "oversized");
+}
