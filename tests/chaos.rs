@@ -603,6 +603,7 @@ fn bad_input_through_the_real_broker_lands_in_the_dlq_and_crashes_nothing() {
         bad.iter().all(|b| found.contains_key(&b.key))
     });
     let (c1, t1) = (consumed(&daemon), Instant::now());
+    assert!(c1 > c0 + bad.len() as f64, "valid records kept flowing while the bad ones were handled");
     for b in &bad {
         let (reason, len) = &found[&b.key];
         assert!(
