@@ -145,7 +145,15 @@ impl Actor for Compactor {
                 } else if let Some(plan) = state.plans.pop_front() {
                     let res = state.merge(&plan).await;
                     if res.is_err() {
-                        state.plans.push_front(plan);
+                        // The merge stopped somewhere between its intent and its last delete.
+                        // Retrying the plan would overwrite the intent with one whose inputs are
+                        // partly gone, then abandon it: the merged file and the inputs not yet
+                        // deleted would both stay, the same rows twice. Recover the partition
+                        // from its intents first (complete or roll back), then plan afresh.
+                        let p = plan.partition();
+                        state.to_recover.insert(p);
+                        state.full_listing.insert(p);
+                        state.plans.retain(|other| other.partition() != p);
                     }
                     res
                 } else {
@@ -279,7 +287,7 @@ impl CompactorState {
         };
         let body = serde_json::to_vec_pretty(&intent).expect("an intent serializes");
         self.ctx.table.put(&intent_key, body.into(), "application/json").await?;
-        self.ctx.faults.check(FaultPoint::CompactorAfterIntent).map_err(WorkError::Other)?;
+        self.ctx.faults.check(FaultPoint::CompactorAfterIntent)?;
 
         let mut bodies = Vec::with_capacity(plan.inputs.len());
         for (_, key, _) in &plan.inputs {
@@ -314,12 +322,12 @@ impl CompactorState {
         let (rows, bytes) = merged;
         let after = bytes.len() as u64;
         self.ctx.table.put(&output_key, bytes.into(), "application/vnd.apache.parquet").await?;
-        self.ctx.faults.check(FaultPoint::CompactorAfterOutput).map_err(WorkError::Other)?;
+        self.ctx.faults.check(FaultPoint::CompactorAfterOutput)?;
 
         for (i, (_, key, _)) in plan.inputs.iter().enumerate() {
             self.ctx.table.delete(key).await?;
             if i == 0 {
-                self.ctx.faults.check(FaultPoint::CompactorMidDeletes).map_err(WorkError::Other)?;
+                self.ctx.faults.check(FaultPoint::CompactorMidDeletes)?;
             }
         }
         self.ctx.table.delete(&intent_key).await?;

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::lake::{StoreError, WorkError};
+
 /// The environment variable of [`Faults::from_spec`].
 pub const ENV: &str = "TRSTREAM_FAULTS";
 
@@ -25,6 +27,7 @@ pub struct Faults {
     panic_at: Mutex<HashMap<i32, i64>>,
     crash_after_upload: Mutex<HashMap<i32, u32>>,
     points: Mutex<HashMap<FaultPoint, u32>>,
+    outages: Mutex<HashMap<FaultPoint, u32>>,
     random: Option<RandomFaults>,
 }
 
@@ -35,6 +38,8 @@ pub enum FaultPoint {
     PartitionerAfterFirstOutput,
     /// The partitioner wrote every table file of a raw file, not the watermark.
     PartitionerBeforeWatermark,
+    /// The partitioner wrote the watermark (with [`Faults::outage_at`]: and never heard back).
+    PartitionerAfterWatermark,
     /// The compactor wrote its intent, not the merged file.
     CompactorAfterIntent,
     /// The compactor wrote the merged file, deleted no input.
@@ -46,7 +51,9 @@ pub enum FaultPoint {
 impl FaultPoint {
     fn kind(self) -> Kind {
         match self {
-            FaultPoint::PartitionerAfterFirstOutput | FaultPoint::PartitionerBeforeWatermark => Kind::Partitioner,
+            FaultPoint::PartitionerAfterFirstOutput
+            | FaultPoint::PartitionerBeforeWatermark
+            | FaultPoint::PartitionerAfterWatermark => Kind::Partitioner,
             _ => Kind::Compactor,
         }
     }
@@ -214,24 +221,43 @@ impl Faults {
         self.armed.store(true, Ordering::Relaxed);
     }
 
-    /// How many armed failures of `point` have not fired yet.
-    pub fn pending(&self, point: FaultPoint) -> u32 {
-        self.points.lock().unwrap().get(&point).copied().unwrap_or(0)
+    /// The next `times` passes through `point` meet a store outage: a retryable store error,
+    /// as if the store had died right there (the actor backs off, it is not restarted).
+    pub fn outage_at(&self, point: FaultPoint, times: u32) {
+        self.outages.lock().unwrap().insert(point, times);
+        self.armed.store(true, Ordering::Relaxed);
     }
 
-    /// `Err` when a failure is armed at `point` (and uses it up); a random panic may strike.
-    pub(crate) fn check(&self, point: FaultPoint) -> Result<(), String> {
+    /// How many armed failures and outages of `point` have not fired yet.
+    pub fn pending(&self, point: FaultPoint) -> u32 {
+        [&self.points, &self.outages].iter().map(|m| m.lock().unwrap().get(&point).copied().unwrap_or(0)).sum()
+    }
+
+    /// `Err` when a failure or an outage is armed at `point` (and uses it up); a random panic
+    /// may strike.
+    pub(crate) fn check(&self, point: FaultPoint) -> Result<(), WorkError> {
         if !self.armed.load(Ordering::Relaxed) {
             return Ok(());
         }
         self.maybe_panic(point.kind(), &format!("{point:?}"));
-        match self.points.lock().unwrap().get_mut(&point) {
+        let take = |m: &Mutex<HashMap<FaultPoint, u32>>| match m.lock().unwrap().get_mut(&point) {
             Some(n) if *n > 0 => {
                 *n -= 1;
-                Err(format!("injected fault at {point:?}"))
+                true
             }
-            _ => Ok(()),
+            _ => false,
+        };
+        if take(&self.points) {
+            return Err(WorkError::Other(format!("injected fault at {point:?}")));
         }
+        if take(&self.outages) {
+            return Err(WorkError::Store(StoreError::Retryable {
+                op: "injected outage",
+                target: format!("{point:?}"),
+                detail: "the store went away".into(),
+            }));
+        }
+        Ok(())
     }
 
     /// A random panic of `kind` (`TRSTREAM_FAULTS`), at the point named `at`.

@@ -319,6 +319,11 @@ impl PartitionerState {
                 metrics::counter!(m::PARTITIONER_ERRORS).increment(1);
                 self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
                 if let Some(ps) = self.parts.get_mut(&p) {
+                    // A request that failed may still have been applied (the store died after
+                    // writing the watermark, before answering): read it again, and list again.
+                    // Trusting the one in memory would partition a covered file a second time,
+                    // after the compactor may have merged its outputs away: duplicates.
+                    *ps = PartState { backoff: ps.backoff, ..PartState::fresh() };
                     ps.backoff = self.ctx.config.upload.next_backoff(ps.backoff);
                     ps.retry_at = Some(Instant::now() + ps.backoff);
                     tracing::warn!(partition = p, error = %e, retry_in = ?ps.backoff, "partitioner will retry");
@@ -396,7 +401,7 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result
     let mut outputs = outputs.into_iter();
     if let Some((_, key, _, bytes)) = outputs.next() {
         ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
-        ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput).map_err(WorkError::Other)?;
+        ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput)?;
     }
     let mut puts = tokio::task::JoinSet::new();
     for (_, key, _, bytes) in outputs {
@@ -408,7 +413,7 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result
     while let Some(res) = puts.join_next().await {
         res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
     }
-    ctx.faults.check(FaultPoint::PartitionerBeforeWatermark).map_err(WorkError::Other)?;
+    ctx.faults.check(FaultPoint::PartitionerBeforeWatermark)?;
     let wm = Watermark {
         topic: name.topic.clone(),
         partition: p,
@@ -418,6 +423,7 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result
     };
     let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
     ctx.table.put(&table::watermark_key(&name.topic, p), body.into(), "application/json").await?;
+    ctx.faults.check(FaultPoint::PartitionerAfterWatermark)?;
     ctx.touch(p, hives);
     ctx.stats.partitioned_files.fetch_add(1, Ordering::Relaxed);
     ctx.stats.partitioned_rows.fetch_add(rows as u64, Ordering::Relaxed);
