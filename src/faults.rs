@@ -205,27 +205,39 @@ impl Faults {
 
     /// The worker of `partition` panics once, on the first record at or after `offset`.
     pub fn panic_at_offset(&self, partition: i32, offset: i64) {
-        self.panic_at.lock().unwrap().insert(partition, offset);
-        self.armed.store(true, Ordering::Relaxed);
+        self.arm(&self.panic_at, partition, offset);
     }
 
     /// The next `times` flushes of `partition` fail after the upload and before the commit.
     pub fn crash_after_upload(&self, partition: i32, times: u32) {
-        self.crash_after_upload.lock().unwrap().insert(partition, times);
-        self.armed.store(true, Ordering::Relaxed);
+        self.arm(&self.crash_after_upload, partition, times);
     }
 
     /// The next `times` passes through `point` fail (the actor returns an error and is restarted).
     pub fn fail_at(&self, point: FaultPoint, times: u32) {
-        self.points.lock().unwrap().insert(point, times);
-        self.armed.store(true, Ordering::Relaxed);
+        self.arm(&self.points, point, times);
     }
 
     /// The next `times` passes through `point` meet a store outage: a retryable store error,
     /// as if the store had died right there (the actor backs off, it is not restarted).
     pub fn outage_at(&self, point: FaultPoint, times: u32) {
-        self.outages.lock().unwrap().insert(point, times);
+        self.arm(&self.outages, point, times);
+    }
+
+    fn arm<K: std::hash::Hash + Eq, V>(&self, faults: &Mutex<HashMap<K, V>>, key: K, value: V) {
+        faults.lock().unwrap().insert(key, value);
         self.armed.store(true, Ordering::Relaxed);
+    }
+
+    /// Uses up one of the armed `times` at `key`; whether there was one.
+    fn take<K: std::hash::Hash + Eq>(faults: &Mutex<HashMap<K, u32>>, key: &K) -> bool {
+        match faults.lock().unwrap().get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// How many armed failures and outages of `point` have not fired yet.
@@ -240,17 +252,10 @@ impl Faults {
             return Ok(());
         }
         self.maybe_panic(point.kind(), &format!("{point:?}"));
-        let take = |m: &Mutex<HashMap<FaultPoint, u32>>| match m.lock().unwrap().get_mut(&point) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
-        };
-        if take(&self.points) {
+        if Self::take(&self.points, &point) {
             return Err(WorkError::Other(format!("injected fault at {point:?}")));
         }
-        if take(&self.outages) {
+        if Self::take(&self.outages, &point) {
             return Err(WorkError::Store(StoreError::Retryable {
                 op: "injected outage",
                 target: format!("{point:?}"),
@@ -322,14 +327,7 @@ impl Faults {
         if !self.armed.load(Ordering::Relaxed) {
             return false;
         }
-        let mut map = self.crash_after_upload.lock().unwrap();
-        match map.get_mut(&partition) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
-        }
+        Self::take(&self.crash_after_upload, &partition)
     }
 }
 

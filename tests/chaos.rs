@@ -184,15 +184,28 @@ impl Scenario {
     }
 
     /// Waits until every partition has committed past `before` (records keep coming to all of
-    /// them) and records the time since `from` as the recovery from `what`.
-    fn recovered(&mut self, what: String, from: Instant, before: &BTreeMap<i32, i64>) {
+    /// them).
+    fn await_commits(&self, what: &str, before: &BTreeMap<i32, i64>) {
         wait_until(&format!("every partition to commit again after {what}"), Duration::from_secs(120), || {
             let now = self.committed();
             (0..PARTITIONS).all(|p| now.get(&p).copied().unwrap_or(-1) > before.get(&p).copied().unwrap_or(-1))
         });
+    }
+
+    /// [`Scenario::await_commits`], recording the time since `from` as the recovery from `what`.
+    fn recovered(&mut self, what: String, from: Instant, before: &BTreeMap<i32, i64>) {
+        self.await_commits(&what, before);
         let took = from.elapsed();
         eprintln!("[{}] {what}: every partition committing again {:.1}s after", self.name, took.as_secs_f64());
         self.recoveries.push((what, took));
+    }
+
+    /// Starts the scenario's first daemon (with `TRSTREAM_FAULTS=faults`, if given) and waits
+    /// until it has committed on every partition, so that faults strike a running pipeline.
+    fn first_daemon(&self, name: &'static str, faults: Option<&str>) -> Daemon {
+        let daemon = Daemon::start_with(self.dir.path(), name, &self.config, faults);
+        self.await_commits("the first start", &BTreeMap::new());
+        daemon
     }
 
     /// After a random wait in `after`, SIGKILLs `service`, keeps it down for a random time in
@@ -244,7 +257,8 @@ impl Scenario {
         assert!(daemon.terminate(Duration::from_secs(60)), "the last daemon exits 0 on SIGTERM");
         let a = real::audit(self.dir.path(), &self.config);
         let produced = sent.total();
-        let recovery = match self.recoveries.iter().map(|r| r.1).minmax() {
+        let took = self.recoveries.iter().map(|r| r.1);
+        let recovery = match took.clone().min().zip(took.max()) {
             Some((lo, hi)) => format!(
                 "recovery {:.1}-{:.1}s over {} faults",
                 lo.as_secs_f64(),
@@ -278,20 +292,6 @@ impl Scenario {
     }
 }
 
-/// The shortest and the longest of some durations.
-trait MinMax {
-    fn minmax(self) -> Option<(Duration, Duration)>;
-}
-
-impl<I: Iterator<Item = Duration>> MinMax for I {
-    fn minmax(self) -> Option<(Duration, Duration)> {
-        self.fold(None, |acc, d| match acc {
-            None => Some((d, d)),
-            Some((lo, hi)) => Some((lo.min(d), hi.max(d))),
-        })
-    }
-}
-
 /// `TRSTREAM_FAULTS` for a daemon that SIGKILLs itself at `moment` once armed by SIGUSR1.
 fn self_kill(seed: u64, moment: &str) -> String {
     // Per pass: a record chunk for mid_buffer (tens a second), a flush for the others (a few).
@@ -308,9 +308,7 @@ fn sigkill_of_the_daemon_at_random_moments_loses_and_duplicates_nothing() {
     let plan = [None, Some("mid_buffer"), Some("mid_upload"), Some("after_upload"), None, Some("mid_upload")];
     let spec = |s: &mut Scenario, step: Option<&str>| step.map(|m| self_kill(s.rng.random(), m));
     let first = spec(&mut s, plan[0]);
-    let mut daemon = Daemon::start_with(s.dir.path(), "daemon", &s.config, first.as_deref());
-    s.recovered("the first start".into(), Instant::now(), &BTreeMap::new());
-    s.recoveries.clear();
+    let mut daemon = s.first_daemon("daemon", first.as_deref());
     for (i, step) in plan.iter().enumerate() {
         let died = match step {
             None => {
@@ -347,7 +345,7 @@ fn panics_in_every_actor_kind_lose_and_duplicate_nothing() {
         "seed={},panic.max=2,panic.partition_worker=0.01,panic.consumer_driver=0.01,panic.partitioner=0.05,panic.compactor=0.1",
         s.rng.random::<u64>()
     );
-    let daemon = Daemon::start_with(s.dir.path(), "daemon", &s.config, Some(&spec));
+    let daemon = s.first_daemon("daemon", Some(&spec));
     // A consumer driver's panic restarts the whole ingest subtree.
     let kinds = ["partition_worker", "ingest_supervisor", "partitioner", "compactor"];
     let restarts =
@@ -410,9 +408,7 @@ fn panics_in_every_actor_kind_lose_and_duplicate_nothing() {
 fn scaling_from_one_daemon_to_three_and_back_loses_and_duplicates_nothing() {
     let mut s = Scenario::new("scale 1-3-1");
     let producing = s.produce(2_000);
-    let one = Daemon::start(s.dir.path(), "daemon-1", &s.config);
-    s.recovered("the first start".into(), Instant::now(), &BTreeMap::new());
-    s.recoveries.clear();
+    let one = s.first_daemon("daemon-1", None);
     let assigned = |d: &Daemon| d.metric("trstream_partitions_assigned").unwrap_or(0.0) as i32;
     std::thread::sleep(s.pause(1.0..3.0));
     let up = Instant::now();
@@ -441,9 +437,7 @@ fn scaling_from_one_daemon_to_three_and_back_loses_and_duplicates_nothing() {
 fn sigkill_of_the_broker_then_restart_loses_and_duplicates_nothing() {
     let mut s = Scenario::new("broker SIGKILL");
     let producing = s.produce(2_000);
-    let daemon = Daemon::start(s.dir.path(), "daemon", &s.config);
-    s.recovered("the first start".into(), Instant::now(), &BTreeMap::new());
-    s.recoveries.clear();
+    let daemon = s.first_daemon("daemon", None);
     for _ in 0..2 {
         s.outage(Service::Broker, 1.0..3.0, 3.0..6.0);
     }
@@ -460,9 +454,7 @@ fn sigkill_of_the_store_for_seconds_loses_nothing_and_memory_stays_capped() {
     s.config.validate().unwrap();
     let cap = s.config.memory.total_max_buffered_bytes as f64;
     let producing = s.produce(2_500);
-    let daemon = Daemon::start(s.dir.path(), "daemon", &s.config);
-    s.recovered("the first start".into(), Instant::now(), &BTreeMap::new());
-    s.recoveries.clear();
+    let daemon = s.first_daemon("daemon", None);
     let (stop, peak_buffered) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let watcher = {
         let (stop, peak, http) = (stop.clone(), peak_buffered.clone(), daemon.http);
@@ -563,9 +555,7 @@ fn bad_input_through_the_real_broker_lands_in_the_dlq_and_crashes_nothing() {
     });
 
     let producing = s.produce(2_000);
-    let daemon = Daemon::start(s.dir.path(), "daemon", &s.config);
-    s.recovered("the first start".into(), Instant::now(), &BTreeMap::new());
-    s.recoveries.clear();
+    let daemon = s.first_daemon("daemon", None);
     let consumed = |d: &Daemon| d.metric("trstream_records_consumed_total").unwrap_or(0.0);
     let (c0, t0) = (consumed(&daemon), Instant::now());
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()

@@ -35,42 +35,72 @@ fn assert_clean(h: &Harness, report: &AuditReport) {
     assert_eq!(report.table_rows, t.valid, "table rows = valid records");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_at_every_partitioner_and_compactor_step_loses_and_duplicates_nothing() {
+/// Every step of the partitioner and of the compactor where a fault can be injected.
+const EVERY_STEP: [FaultPoint; 6] = [
+    FaultPoint::PartitionerAfterFirstOutput,
+    FaultPoint::PartitionerBeforeWatermark,
+    FaultPoint::PartitionerAfterWatermark,
+    FaultPoint::CompactorAfterIntent,
+    FaultPoint::CompactorAfterOutput,
+    FaultPoint::CompactorMidDeletes,
+];
+
+/// What is injected at a step.
+#[derive(Clone, Copy, PartialEq)]
+enum Injected {
+    /// An error that fails the actor (it is restarted).
+    Failure,
+    /// A retryable store error, as if the store died right there; after the watermark and after
+    /// the merged file, the write itself landed and its answer was lost.
+    Outage,
+}
+
+/// Injects `what` at every step in turn, 4,000 records each, waiting for each to fire (and a
+/// failure's actor to restart); then checks the settled lake: no intent left, the audit clean in
+/// the table and in `raw-data`, well-formed files, exactly once. Returns the pipeline's stats.
+async fn inject_at_every_step(what: Injected) -> Arc<Stats> {
     let mut h = Harness::new(4).await;
     let faults = Arc::new(Faults::default());
     let mut config = h.lake_config();
     config.supervision.max_restarts = 20;
     let pipeline = trstream::start(config.clone(), faults.clone()).await.unwrap();
     let stats = pipeline.stats.clone();
-    let points = [
-        FaultPoint::PartitionerAfterFirstOutput,
-        FaultPoint::PartitionerBeforeWatermark,
-        FaultPoint::CompactorAfterIntent,
-        FaultPoint::CompactorAfterOutput,
-        FaultPoint::CompactorMidDeletes,
-    ];
-    for point in points {
+    for point in EVERY_STEP {
         let restarts = Stats::get(&stats.lake_restarts);
-        faults.fail_at(point, 1);
+        match what {
+            Injected::Failure => faults.fail_at(point, 1),
+            Injected::Outage => faults.outage_at(point, 1),
+        }
         h.produce(4_000);
-        wait_for(&format!("the failure at {point:?} and its restart"), DONE, || {
-            faults.pending(point) == 0 && Stats::get(&stats.lake_restarts) > restarts
+        wait_for(&format!("the {point:?} fault to fire"), DONE, || {
+            faults.pending(point) == 0 && (what == Injected::Outage || Stats::get(&stats.lake_restarts) > restarts)
         })
         .await;
     }
     settle(&h).await;
-    assert_eq!(Stats::get(&stats.lake_restarts), points.len() as u64, "each failure restarted its actor once");
-    assert!(
-        Stats::get(&stats.intents_recovered) >= 3,
-        "the three compactor failures left intents that recovery resolved: {}",
-        Stats::get(&stats.intents_recovered)
-    );
     assert_eq!(h.open_intents(), 0, "no intent left behind");
     assert_clean(&h, &h.audit(&config).await);
     assert_table_files_well_formed(&h);
     pipeline.shutdown().await;
     h.assert_exactly_once(GROUP, false);
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_at_every_partitioner_and_compactor_step_loses_and_duplicates_nothing() {
+    let stats = inject_at_every_step(Injected::Failure).await;
+    assert_eq!(Stats::get(&stats.lake_restarts), EVERY_STEP.len() as u64, "each failure restarted its actor once");
+    assert!(
+        Stats::get(&stats.intents_recovered) >= 3,
+        "the three compactor failures left intents that recovery resolved: {}",
+        Stats::get(&stats.intents_recovered)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_at_every_partitioner_and_compactor_step_loses_and_duplicates_nothing() {
+    let stats = inject_at_every_step(Injected::Outage).await;
+    assert_eq!(Stats::get(&stats.lake_restarts), 0, "an outage is retried in place, no actor restarts");
 }
 
 /// DuckDB's counts by day and type, read with `hive_partitioning = true`.
@@ -293,35 +323,4 @@ fn assert_table_files_well_formed(h: &Harness) {
         }
     }
     assert!(merged > 0, "some files are merged ones");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_outage_at_every_partitioner_and_compactor_step_loses_and_duplicates_nothing() {
-    let mut h = Harness::new(4).await;
-    let faults = Arc::new(Faults::default());
-    let config = h.lake_config();
-    let pipeline = trstream::start(config.clone(), faults.clone()).await.unwrap();
-    let stats = pipeline.stats.clone();
-    // Each a retryable store error right there, as if the store died at that step; after the
-    // watermark and after the merged file, the write itself landed and its answer was lost.
-    let points = [
-        FaultPoint::PartitionerAfterFirstOutput,
-        FaultPoint::PartitionerBeforeWatermark,
-        FaultPoint::PartitionerAfterWatermark,
-        FaultPoint::CompactorAfterIntent,
-        FaultPoint::CompactorAfterOutput,
-        FaultPoint::CompactorMidDeletes,
-    ];
-    for point in points {
-        faults.outage_at(point, 1);
-        h.produce(4_000);
-        wait_for(&format!("the outage at {point:?}"), DONE, || faults.pending(point) == 0).await;
-    }
-    settle(&h).await;
-    assert_eq!(Stats::get(&stats.lake_restarts), 0, "an outage is retried in place, no actor restarts");
-    assert_eq!(h.open_intents(), 0, "no intent left behind");
-    assert_clean(&h, &h.audit(&config).await);
-    assert_table_files_well_formed(&h);
-    pipeline.shutdown().await;
-    h.assert_exactly_once(GROUP, false);
 }
