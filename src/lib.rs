@@ -1,30 +1,26 @@
 //! trstream: a supervised Kafka → Parquet → S3 ingestion daemon for financial transactions.
 //!
-//! The design brief (`design.md`) names the parts; each has its module here:
-//! [`record`] (the transaction and its validation), [`partition_worker`] (buffer, flush,
-//! upload, commit), [`consumer_driver`] (the rdkafka consumer and rebalances), [`pipeline`]
-//! (the supervision tree and `run`), [`partitioner`] and [`compactor`] (the Hive-partitioned
-//! table), [`lake`] (file names, Parquet, S3), [`dlq`], [`metrics`], [`config`], [`faults`] (tests only),
-//! plus the tools
-//! around the daemon: [`produce`], [`embedded`], [`demo`], [`bench`], [`audit`].
+//! The design brief (`design.md`) names the parts; the modules are its rooms:
+//! [`daemon`] (Root, the supervision tree, `start` and `run`), [`context`] (what every actor of
+//! one daemon shares), [`ingest`] (IngestSupervisor, the consumer driver, partition workers, the
+//! DLQ), [`table`] (partitioner and compactor), [`lake`] (file names, Parquet, S3, table layout),
+//! [`record`] (the transaction and its validation), [`config`], [`metrics`], [`faults`] (tests
+//! only), and [`tools`], the user's commands beside the daemon (produce, audit, demo, bench,
+//! embedded Kafka and S3).
 
-pub mod audit;
-pub mod bench;
-pub mod compactor;
 pub mod config;
-pub mod consumer_driver;
-pub mod demo;
-pub mod dlq;
-pub mod embedded;
+pub mod context;
+pub mod daemon;
 pub mod faults;
+pub mod ingest;
 pub mod lake;
 pub mod metrics;
-pub mod partition_worker;
-pub mod partitioner;
-pub mod pipeline;
-pub mod produce;
 pub mod record;
+pub mod table;
+pub mod tools;
 
 pub use config::Config;
+pub use daemon::{Pipeline, run, start};
 pub use faults::{FaultPoint, Faults};
-pub use pipeline::{Pipeline, run, start};
+pub use ingest::dlq;
+pub use tools::{audit, bench, demo, embedded, produce};

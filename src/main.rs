@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use trstream::config::{Config, Sources};
-use trstream::produce::{GenOptions, ProduceOptions, ProduceProgress};
+use trstream::tools::produce::{GenOptions, ProduceOptions, ProduceProgress};
 
 #[derive(Parser)]
 #[command(name = "trstream", version, about = "Kafka → Parquet → S3 ingestion of financial transactions")]
@@ -24,9 +24,9 @@ enum Command {
     /// Produce synthetic transactions to Kafka.
     Produce(ProduceArgs),
     /// Everything in one process on embedded Kafka and S3, with a live progress line.
-    Demo(trstream::demo::DemoArgs),
+    Demo(trstream::tools::demo::DemoArgs),
     /// End-to-end throughput and peak memory on the embedded infrastructure.
-    Bench(trstream::bench::BenchArgs),
+    Bench(trstream::tools::bench::BenchArgs),
     /// Reconcile the topic, the DLQ and the lake: missing, duplicated, unexpected transactions.
     Audit(AuditArgs),
     /// Ask a running daemon's /healthz or /readyz; exit 0 on 200 (for container health checks).
@@ -187,8 +187,8 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Run(args) => rt.block_on(run(args)),
         Command::Produce(args) => produce(args),
-        Command::Demo(args) => rt.block_on(trstream::demo::run(args)),
-        Command::Bench(args) => rt.block_on(trstream::bench::run(args)),
+        Command::Demo(args) => rt.block_on(trstream::tools::demo::run(args)),
+        Command::Bench(args) => rt.block_on(trstream::tools::bench::run(args)),
         Command::Audit(args) => rt.block_on(audit(args)),
         Command::Healthcheck(args) => trstream::metrics::check_health(&args.url, args.timeout).map(|body| {
             print!("{body}");
@@ -236,8 +236,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let config = args.config.load()?;
-    let opts = trstream::audit::AuditOptions { raw: args.raw, timeout: args.timeout, progress: true };
-    let report = trstream::audit::audit(&config, &opts).await?;
+    let opts = trstream::tools::audit::AuditOptions { raw: args.raw, timeout: args.timeout, progress: true };
+    let report = trstream::tools::audit::audit(&config, &opts).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -289,7 +289,7 @@ fn produce(a: ProduceArgs) -> anyhow::Result<()> {
             country: a.country,
             invalid_ratio: a.invalid_ratio,
             oversize_bytes: a.oversize_bytes,
-            seed: a.seed.unwrap_or_else(trstream::produce::time_seed),
+            seed: a.seed.unwrap_or_else(trstream::tools::produce::time_seed),
             ..GenOptions::default()
         },
         properties: Vec::new(),
@@ -298,8 +298,8 @@ fn produce(a: ProduceArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc_flag(s);
-    let summary =
-        trstream::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())).map_err(anyhow::Error::msg)?;
+    let summary = trstream::tools::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default()))
+        .map_err(anyhow::Error::msg)?;
     eprintln!(
         "done: {} records in {:.1?} ({:.0}/s), {} acknowledged, {} failed, {} invalid by design",
         summary.sent,

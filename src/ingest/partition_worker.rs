@@ -17,11 +17,12 @@ use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::dlq::DeadLetter;
+use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::{Kind, Moment};
+use crate::ingest::Consumer;
+use crate::ingest::dlq::DeadLetter;
 use crate::lake::{PutOutcome, RawFileName, parquet};
 use crate::metrics as m;
-use crate::pipeline::{Consumer, PartitionBudget, PipelineCtx};
 
 /// Consumed records handed over by the driver: one buffer for a whole batch, so a batch costs
 /// one allocation, not one per record.

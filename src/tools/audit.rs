@@ -28,7 +28,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::dlq::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
+use crate::ingest::dlq::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::{HivePartition, LakeStore, StoreError};
 
@@ -293,7 +293,7 @@ fn id_hash(id: &str) -> u32 {
 }
 
 fn consumer(config: &Config) -> Result<BaseConsumer, AuditError> {
-    let mut c = crate::pipeline::kafka_base_config(config);
+    let mut c = crate::context::kafka_base_config(config);
     c.set("group.id", format!("trstream-audit-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

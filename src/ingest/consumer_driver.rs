@@ -25,11 +25,12 @@ use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::Kind;
+use crate::ingest::Consumer;
+use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
 use crate::lake::RawFileName;
 use crate::metrics as m;
-use crate::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
-use crate::pipeline::{Consumer, PartitionBudget, PipelineCtx};
 
 /// Records routed per poll round before the batches are handed to workers.
 const MAX_BATCH: usize = 4096;
@@ -371,8 +372,9 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
             match consumer.poll(timeout) {
                 Some(Ok(msg)) => {
                     routed += 1;
-                    polled +=
-                        msg.payload_len() + msg.key_len() + std::mem::size_of::<crate::partition_worker::ChunkEntry>();
+                    polled += msg.payload_len()
+                        + msg.key_len()
+                        + std::mem::size_of::<crate::ingest::partition_worker::ChunkEntry>();
                     let mut st = dc.state.lock().unwrap();
                     if matches!(st.slots.get(&msg.partition()), Some(Slot::Ready { .. })) {
                         st.pending.entry(msg.partition()).or_default().push(

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::context::PipelineCtx;
 use crate::faults::FaultPoint;
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::parquet;
 use crate::lake::table::{self, Watermark};
 use crate::lake::{StoreError, WorkError};
 use crate::metrics as m;
-use crate::pipeline::PipelineCtx;
 
 pub struct Partitioner;
 

@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::context::PipelineCtx;
 use crate::faults::FaultPoint;
 use crate::lake::parquet;
 use crate::lake::table::{self, CompactionIntent, MergePlan};
 use crate::lake::{HivePartition, WorkError};
 use crate::metrics as m;
-use crate::partitioner::read_watermark;
-use crate::pipeline::PipelineCtx;
+use crate::table::partitioner::read_watermark;
 
 /// The `table` label of the lake gauges.
 const TABLE: &str = "tb-transactions";

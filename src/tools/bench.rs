@@ -19,9 +19,9 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::Config;
-use crate::embedded::{EmbeddedKafka, EmbeddedS3};
 use crate::metrics::Stats;
-use crate::produce::{GenOptions, ProduceOptions, ProduceProgress};
+use crate::tools::embedded::{EmbeddedKafka, EmbeddedS3};
+use crate::tools::produce::{GenOptions, ProduceOptions, ProduceProgress};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -85,7 +85,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // TRSTREAM_* variables apply, so a deployment's own settings can be benchmarked; the
     // embedded store's credentials come last, so they win.
     let credentials = [
-        ("TRSTREAM_S3_ACCESS_KEY_ID".to_string(), crate::embedded::ACCESS_KEY.to_string()),
+        ("TRSTREAM_S3_ACCESS_KEY_ID".to_string(), crate::tools::embedded::ACCESS_KEY.to_string()),
         ("TRSTREAM_S3_SECRET_ACCESS_KEY".to_string(), secret),
     ];
     let env = std::env::vars().chain(credentials).collect();
@@ -194,9 +194,10 @@ async fn infra(args: BenchArgs) -> anyhow::Result<()> {
         progress: true,
     };
     let stop = AtomicBool::new(false);
-    let summary =
-        tokio::task::block_in_place(|| crate::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default())))
-            .map_err(anyhow::Error::msg)?;
+    let summary = tokio::task::block_in_place(|| {
+        crate::tools::produce::produce(&opts, &stop, Arc::new(ProduceProgress::default()))
+    })
+    .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(summary.acked == args.records, "only {} of {} records acknowledged", summary.acked, args.records);
     // The mock silently drops the oldest data past ~5 MB per partition: refuse to measure then.
     let probe: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create()?;

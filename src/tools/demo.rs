@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::embedded::{EmbeddedKafka, EmbeddedS3};
 use crate::metrics::Stats;
-use crate::produce::{GenOptions, ProduceOptions, ProduceProgress};
+use crate::tools::embedded::{EmbeddedKafka, EmbeddedS3};
+use crate::tools::produce::{GenOptions, ProduceOptions, ProduceProgress};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -126,14 +126,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         generator: GenOptions {
             invalid_ratio: args.invalid_ratio,
             oversize_bytes: oversize,
-            seed: crate::produce::time_seed(),
+            seed: crate::tools::produce::time_seed(),
             ..Default::default()
         },
         properties: Vec::new(),
         progress: false,
     };
     let (s, p) = (stop.clone(), progress.clone());
-    let producer = std::thread::spawn(move || crate::produce::produce(&opts, &s, p));
+    let producer = std::thread::spawn(move || crate::tools::produce::produce(&opts, &s, p));
 
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -204,8 +204,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     eprintln!("\nauditing (topic, DLQ and tb-transactions):");
-    let opts = crate::audit::AuditOptions { progress: false, ..Default::default() };
-    let clean = match crate::audit::audit(&audit_config, &opts).await {
+    let opts = crate::tools::audit::AuditOptions { progress: false, ..Default::default() };
+    let clean = match crate::tools::audit::audit(&audit_config, &opts).await {
         Ok(report) => {
             eprint!("{}", report.to_table());
             report.clean
@@ -225,7 +225,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "\nholding the embedded Kafka and S3 up until Ctrl-C; audit again with:\n  trstream audit --brokers {} --s3-endpoint {} --set s3.access_key_id={} --set s3.secret_access_key={}",
             kafka.bootstrap,
             s3.endpoint,
-            crate::embedded::ACCESS_KEY,
+            crate::tools::embedded::ACCESS_KEY,
             s3.secret_key
         );
         let _ = tokio::signal::ctrl_c().await;

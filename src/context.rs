@@ -1,0 +1,260 @@
+//! What every actor of one daemon shares: the configuration, the stores, the DLQ producer, the
+//! set of Kafka partitions this instance owns (I5) and the memory budgets (I4).
+//!
+//! One `PipelineCtx` per daemon instance, behind an `Arc`, handed to every actor as its
+//! argument: the actors talk to each other through it (a worker hands a committed file to the
+//! current partitioner) instead of holding each other's addresses, so a restarted actor is found
+//! by the next message.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::{ActorRef, RpcReplyPort};
+use rdkafka::ClientConfig;
+
+use crate::config::Config;
+use crate::faults::Faults;
+use crate::ingest::dlq::DlqProducer;
+use crate::lake::{HivePartition, LakeStore, RawFileName};
+use crate::metrics::{Health, Stats};
+use crate::record::Validator;
+use crate::table::compactor::CompactorMsg;
+use crate::table::partitioner::PartitionerMsg;
+
+/// What every actor of one daemon shares.
+pub struct PipelineCtx {
+    pub config: Config,
+    pub validator: Validator,
+    pub store: LakeStore,
+    /// The table bucket (`tb-transactions`).
+    pub table: LakeStore,
+    pub dlq: DlqProducer,
+    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    pub faults: Arc<Faults>,
+    /// Prefix of actor names: names are global in ractor, and tests run several pipelines.
+    pub instance: String,
+    /// Consumed-but-uncommitted bytes of all partitions (I4).
+    pub total_buffered: AtomicUsize,
+    /// The records those bytes hold.
+    pub total_buffered_records: AtomicUsize,
+    abandon: AtomicBool,
+    /// Kafka partitions this instance owns: the partitioner and compactor touch only their data (I5).
+    owned: Mutex<BTreeSet<i32>>,
+    /// Hive partitions the partitioner wrote to since the compactor last looked, per Kafka
+    /// partition: the compactor lists only these between full listings.
+    touched: Mutex<BTreeMap<i32, BTreeSet<HivePartition>>>,
+    pub(crate) partitioner: Mutex<Option<ActorRef<PartitionerMsg>>>,
+    pub(crate) compactor: Mutex<Option<ActorRef<CompactorMsg>>>,
+}
+
+impl PipelineCtx {
+    /// The context of a new daemon instance, owning nothing yet.
+    pub fn new(
+        config: Config,
+        store: LakeStore,
+        table: LakeStore,
+        dlq: DlqProducer,
+        health: Arc<Health>,
+        faults: Arc<Faults>,
+        instance: String,
+    ) -> Self {
+        PipelineCtx {
+            validator: config.validator(),
+            config,
+            store,
+            table,
+            dlq,
+            stats: Arc::new(Stats::default()),
+            health,
+            faults,
+            instance,
+            total_buffered: AtomicUsize::new(0),
+            total_buffered_records: AtomicUsize::new(0),
+            abandon: AtomicBool::new(false),
+            owned: Mutex::new(BTreeSet::new()),
+            touched: Mutex::new(BTreeMap::new()),
+            partitioner: Mutex::new(None),
+            compactor: Mutex::new(None),
+        }
+    }
+    /// Past the shutdown deadline: retry loops give up (nothing is committed, nothing lost).
+    pub fn abandoning(&self) -> bool {
+        self.abandon.load(Ordering::Relaxed)
+    }
+
+    pub fn abandon(&self) {
+        self.abandon.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this instance owns Kafka partition `p` (I5).
+    pub fn owns(&self, p: i32) -> bool {
+        self.owned.lock().unwrap().contains(&p)
+    }
+
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.owned.lock().unwrap().iter().copied().collect()
+    }
+
+    /// Partitions assigned to this instance: the partitioner and compactor take them on.
+    pub fn assign_partitions(&self, parts: &[i32]) {
+        self.owned.lock().unwrap().extend(parts.iter().copied());
+        if let Some(a) = self.partitioner.lock().unwrap().as_ref() {
+            let _ = a.cast(PartitionerMsg::Assigned(parts.to_vec()));
+        }
+        if let Some(a) = self.compactor.lock().unwrap().as_ref() {
+            let _ = a.cast(CompactorMsg::Assigned(parts.to_vec()));
+        }
+    }
+
+    /// Partitions revoked or lost: from now on the partitioner and compactor leave them alone,
+    /// and this returns once neither has work on them in flight (or after `drain_timeout`), so
+    /// the next owner, who cannot get them before the revoke returns, is the only writer (I5).
+    pub async fn release_partitions(&self, parts: &[i32]) {
+        self.disown(parts);
+        let timeout = self.config.shutdown.drain_timeout.as_millis() as u64;
+        let partitioner = self.partitioner.lock().unwrap().clone();
+        let compactor = self.compactor.lock().unwrap().clone();
+        tokio::join!(
+            confirm_release("partitioner", partitioner, PartitionerMsg::Released, parts, timeout),
+            confirm_release("compactor", compactor, CompactorMsg::Released, parts, timeout),
+        );
+    }
+
+    /// Forgets `parts` without waiting for the partitioner and compactor to confirm.
+    pub fn disown(&self, parts: &[i32]) {
+        let mut owned = self.owned.lock().unwrap();
+        let mut touched = self.touched.lock().unwrap();
+        for p in parts {
+            owned.remove(p);
+            touched.remove(p);
+        }
+    }
+
+    /// The partitioner wrote (and moved the watermark past) files of Kafka partition `p` in
+    /// these Hive partitions.
+    pub fn touch(&self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
+        self.touched.lock().unwrap().entry(p).or_default().extend(hives);
+    }
+
+    /// The Hive partitions touched in `parts` since the last call, forgotten here.
+    pub fn take_touched(&self, parts: impl IntoIterator<Item = i32>) -> BTreeSet<HivePartition> {
+        let mut touched = self.touched.lock().unwrap();
+        parts.into_iter().filter_map(|p| touched.remove(&p)).flatten().collect()
+    }
+
+    /// At shutdown, before the partitions are released: lets the partitioner process every
+    /// raw file of the owned partitions, within `timeout`, so the table is complete on exit.
+    pub async fn settle_lake(&self, timeout: Duration) {
+        let partitioner = self.partitioner.lock().unwrap().clone();
+        if let Some(a) = partitioner {
+            match ractor::call_t!(a, PartitionerMsg::CatchUp, timeout.as_millis().max(1) as u64) {
+                Ok(Ok(files)) => tracing::info!(files, "partitioner caught up"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "partitioner could not catch up before shutdown; it resumes at its watermark")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "partitioner did not catch up before the shutdown deadline; it resumes at its watermark")
+                }
+            }
+        }
+    }
+
+    /// A worker committed a raw file: hand it to the partitioner.
+    pub fn file_committed(&self, name: RawFileName) {
+        if let Some(a) = self.partitioner.lock().unwrap().as_ref() {
+            let _ = a.cast(PartitionerMsg::FileCommitted(name));
+        }
+    }
+}
+
+/// Asks `actor` (if running) to let go of `parts` and waits up to `timeout_ms` for its answer.
+async fn confirm_release<M: ractor::Message>(
+    who: &str,
+    actor: Option<ActorRef<M>>,
+    msg: fn(Vec<i32>, RpcReplyPort<()>) -> M,
+    parts: &[i32],
+    timeout_ms: u64,
+) {
+    let Some(actor) = actor else { return };
+    if let Err(e) = ractor::call_t!(actor, msg, timeout_ms, parts.to_vec()) {
+        tracing::warn!(actor = who, ?parts, error = %e, "did not confirm the release of revoked partitions");
+    }
+}
+
+/// Restarts counted in a sliding window: more than `max` within `window` and the parent gives up.
+#[derive(Debug)]
+pub struct RestartIntensity {
+    max: usize,
+    window: Duration,
+    times: VecDeque<Instant>,
+}
+
+impl RestartIntensity {
+    pub fn new(config: &crate::config::SupervisionConfig) -> Self {
+        RestartIntensity { max: config.max_restarts as usize, window: config.restart_window, times: VecDeque::new() }
+    }
+
+    /// Records a restart now; `Err(count)` when the limit is exceeded.
+    pub fn record(&mut self) -> Result<(), usize> {
+        let now = Instant::now();
+        self.times.retain(|t| now.duration_since(*t) < self.window);
+        self.times.push_back(now);
+        if self.times.len() > self.max { Err(self.times.len()) } else { Ok(()) }
+    }
+}
+
+/// One partition's share of the memory caps: bytes routed to its worker and not yet committed.
+pub struct PartitionBudget {
+    ctx: Arc<PipelineCtx>,
+    buffered: AtomicUsize,
+    records: AtomicUsize,
+}
+
+impl PartitionBudget {
+    pub fn new(ctx: Arc<PipelineCtx>) -> Self {
+        PartitionBudget { ctx, buffered: AtomicUsize::new(0), records: AtomicUsize::new(0) }
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    /// `bytes` (as counted by [`RecordChunk::accounted_bytes`]) in `records` records handed over.
+    ///
+    /// [`RecordChunk::accounted_bytes`]: crate::ingest::partition_worker::RecordChunk::accounted_bytes
+    pub fn acquire(&self, bytes: usize, records: usize) {
+        self.buffered.fetch_add(bytes, Ordering::Relaxed);
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_add(bytes, Ordering::Relaxed);
+        self.ctx.total_buffered_records.fetch_add(records, Ordering::Relaxed);
+    }
+
+    pub fn release(&self, bytes: usize, records: usize) {
+        let prev = self.buffered.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(prev >= bytes, "released more than acquired");
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_sub(bytes, Ordering::Relaxed);
+        self.ctx.total_buffered_records.fetch_sub(records, Ordering::Relaxed);
+    }
+
+    /// Returns everything still held (the worker is gone).
+    pub fn release_all(&self) {
+        let bytes = self.buffered.swap(0, Ordering::Relaxed);
+        let records = self.records.swap(0, Ordering::Relaxed);
+        self.ctx.total_buffered.fetch_sub(bytes, Ordering::Relaxed);
+        self.ctx.total_buffered_records.fetch_sub(records, Ordering::Relaxed);
+    }
+}
+
+/// librdkafka settings shared by the consumer and the DLQ producer.
+pub fn kafka_base_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in &config.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
