@@ -28,6 +28,10 @@ pub struct Faults {
     crash_after_upload: Mutex<HashMap<i32, u32>>,
     points: Mutex<HashMap<FaultPoint, u32>>,
     outages: Mutex<HashMap<FaultPoint, u32>>,
+    /// Partitions whose next recovery waits between its scan and its spawn,
+    /// whether [`Faults::release_recoveries`] was called, and how many are waiting.
+    recovery_gate: Mutex<(std::collections::HashSet<i32>, bool)>,
+    recoveries_held: AtomicU32,
     random: Option<RandomFaults>,
 }
 
@@ -211,6 +215,34 @@ impl Faults {
     /// The next `times` flushes of `partition` fail after the upload and before the commit.
     pub fn crash_after_upload(&self, partition: i32, times: u32) {
         self.arm(&self.crash_after_upload, partition, times);
+    }
+
+    /// The next recovery of `partition` (on an assignment, or after a worker died) stops after
+    /// its scan, before it spawns the new worker, until [`Faults::release_recoveries`]: a test can revoke the partition
+    /// meanwhile. Later recoveries of it are not held.
+    pub fn hold_next_recovery(&self, partition: i32) {
+        self.recovery_gate.lock().unwrap().0.insert(partition);
+        self.armed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn release_recoveries(&self) {
+        self.recovery_gate.lock().unwrap().1 = true;
+    }
+
+    /// Recoveries waiting at the gate of [`Faults::hold_next_recovery`].
+    pub fn recoveries_held(&self) -> u32 {
+        self.recoveries_held.load(Ordering::Relaxed)
+    }
+
+    pub(crate) async fn recovery_gate(&self, partition: i32) {
+        if !self.armed.load(Ordering::Relaxed) || !self.recovery_gate.lock().unwrap().0.remove(&partition) {
+            return;
+        }
+        self.recoveries_held.fetch_add(1, Ordering::Relaxed);
+        while !self.recovery_gate.lock().unwrap().1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.recoveries_held.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The next `times` passes through `point` fail (the actor returns an error and is restarted).

@@ -52,6 +52,8 @@ pub const COMPACTION_INPUT_BYTES: &str = "trstream_compaction_input_bytes_total"
 pub const COMPACTION_OUTPUT_BYTES: &str = "trstream_compaction_output_bytes_total";
 pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_total";
 pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
+pub const TABLE_OVERLAPS_REPAIRED: &str = "trstream_table_overlaps_repaired_total";
+pub const TABLE_OVERLAPS_UNRESOLVED: &str = "trstream_table_overlaps_unresolved_total";
 pub const LAKE_FILES: &str = "trstream_lake_files";
 pub const LAKE_SMALL_FILES: &str = "trstream_lake_small_files";
 pub const LAKE_BYTES: &str = "trstream_lake_bytes";
@@ -133,6 +135,16 @@ fn describe() {
     describe_counter!(COMPACTION_OUTPUT_BYTES, Unit::Bytes, "Bytes of the merged files (after).");
     describe_counter!(COMPACTION_RECOVERED, Unit::Count, "Compaction intents found at start, by outcome.");
     describe_counter!(COMPACTION_ERRORS, Unit::Count, "Failed compaction attempts (each retried).");
+    describe_counter!(
+        TABLE_OVERLAPS_REPAIRED,
+        Unit::Count,
+        "Table files deleted because another file of the same rows covers their offsets (a late or second writer)."
+    );
+    describe_counter!(
+        TABLE_OVERLAPS_UNRESOLVED,
+        Unit::Count,
+        "Overlapping table files holding different rows at one offset, left in place (each pass that finds them)."
+    );
     describe_gauge!(LAKE_FILES, Unit::Count, "Files of owned partitions in a table, as of the last compaction pass.");
     describe_gauge!(LAKE_SMALL_FILES, Unit::Count, "Files under compactor.small_file_bytes, by table.");
     describe_gauge!(
@@ -169,6 +181,8 @@ fn register() {
         COMPACTION_INPUT_BYTES,
         COMPACTION_OUTPUT_BYTES,
         COMPACTION_ERRORS,
+        TABLE_OVERLAPS_REPAIRED,
+        TABLE_OVERLAPS_UNRESOLVED,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -326,6 +340,10 @@ pub struct Stats {
     pub compaction_bytes_before: AtomicU64,
     pub compaction_bytes_after: AtomicU64,
     pub intents_recovered: AtomicU64,
+    /// Table files deleted because another covering their offsets holds their rows (I9).
+    pub overlaps_repaired: AtomicU64,
+    /// Recoveries that finished after their partition was revoked or replaced: discarded.
+    pub stale_recoveries: AtomicU64,
     /// Compaction passes, and those that listed the whole table (the others list only the Hive
     /// partitions the partitioner wrote to since the last pass).
     pub compaction_passes: AtomicU64,

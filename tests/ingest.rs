@@ -226,3 +226,36 @@ async fn a_record_too_large_for_the_dlq_topic_is_dead_lettered_as_a_prefix_and_n
     let (_, reason, _, _) = found.expect("the big record is in the DLQ, as its first 64 KiB");
     assert_eq!(reason, "oversized");
 }
+
+/// I9: a recovery that finishes after its partition was revoked never starts its worker, so it
+/// commits nothing for a partition that is another instance's now. Every partition's worker
+/// crashes between its upload and its commit, and each recovery is held after its scan (which
+/// adopted that file) while a second daemon joins and the partitions are committed to the end by
+/// their new owners; then the recoveries finish. Before the fix, each late worker committed its
+/// adopted file's end at once, moving the new owner's commit backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_that_finishes_after_a_revoke_commits_nothing() {
+    let mut h = Harness::new(4).await;
+    let faults = Arc::new(Faults::default());
+    let a = trstream::start(h.config(), faults.clone()).await.unwrap();
+    wait_for("the first assignment", DONE, || a.health.consuming.load(Ordering::Relaxed)).await;
+    for p in 0..4 {
+        faults.crash_after_upload(p, 1);
+        faults.hold_next_recovery(p);
+    }
+    h.produce(4_000);
+    wait_for("every partition's recovery held after its crash", DONE, || faults.recoveries_held() == 4).await;
+    let b = trstream::start(h.config(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(4_000);
+    wait_for("the new owners committed everything", DONE, || h.all_committed(GROUP)).await;
+
+    faults.release_recoveries();
+    let stale = a.stats.clone();
+    wait_for("the four late recoveries discarded", DONE, || Stats::get(&stale.stale_recoveries) >= 4).await;
+    b.shutdown().await;
+    a.shutdown().await;
+    // A late worker's commit of its adopted file would have moved a partition's commit back
+    // below the log end, and nothing would have committed it forward again.
+    assert_eq!(h.committed(GROUP), h.end_offsets(), "every partition still committed to its end");
+    h.assert_exactly_once(GROUP, false);
+}

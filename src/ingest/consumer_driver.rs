@@ -194,6 +194,7 @@ impl DriverContext {
         for (p, result) in results {
             match result {
                 Ok(Recovered { start, worker, budget }) => {
+                    let _ = worker.cast(PartitionWorkerMsg::Start);
                     let slot = Slot::Ready { worker, budget, paused: false, flush_asked: false };
                     self.state.lock().unwrap().slots.insert(p, slot);
                     not_ready.retain(|x| *x != p);
@@ -213,6 +214,15 @@ impl DriverContext {
         }
         if let Err(e) = base.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
+        }
+        // librdkafka keeps a partition's pause across a revoke and a new assign: a partition
+        // paused here before (its worker had died, or it was over its memory cap) and assigned
+        // again would stay paused for good. The ready ones are read from their start now.
+        let ready: Vec<i32> = parts.iter().copied().filter(|p| !not_ready.contains(p)).collect();
+        if !ready.is_empty()
+            && let Err(e) = base.resume(&self.tpl(&ready))
+        {
+            tracing::warn!(error = %e, ?ready, "resume of assigned partitions failed");
         }
         if !not_ready.is_empty() {
             // Before any poll returns a record of theirs: the start offset is not known yet.
@@ -310,6 +320,7 @@ async fn recovery(
             format!("recovery scan of partition {p}: {e}")
         })?;
     ctx.health.s3_ok.store(true, Ordering::Relaxed);
+    ctx.faults.recovery_gate(p).await;
     // Files whose first offset is at or past the commit were uploaded but not committed: adopt.
     let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
     let start = adopted.as_ref().map(|f| f.last_offset + 1).or(committed);
@@ -568,8 +579,14 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
     let RecoveryDone { partition: p, attempt, result } = done;
     let current = matches!(dc.state.lock().unwrap().slots.get(&p), Some(Slot::Recovering { attempt: Some(a), .. }) if *a == attempt);
     if !current {
+        // Revoked or replaced meanwhile: the worker was never started, so it committed nothing.
+        dc.ctx.stats.stale_recoveries.fetch_add(1, Ordering::Relaxed);
         if let Ok(r) = result {
             r.worker.kill();
+            tracing::info!(
+                partition = p,
+                "a recovery finished after its partition was revoked; its worker is stopped unstarted"
+            );
         }
         return;
     }
@@ -594,6 +611,7 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
     };
     match result {
         Ok((worker, budget)) => {
+            let _ = worker.cast(PartitionWorkerMsg::Start);
             st.slots.insert(p, Slot::Ready { worker, budget, paused: false, flush_asked: false });
             drop(st);
             if let Err(e) = consumer.resume(&dc.tpl(&[p])) {

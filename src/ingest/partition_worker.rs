@@ -75,6 +75,11 @@ impl RecordChunk {
 }
 
 pub enum PartitionWorkerMsg {
+    /// The driver installed this worker: the partition is this instance's and is read from the
+    /// worker's start. Until then the worker commits nothing, so a recovery that finishes after
+    /// its partition was revoked (its worker is then killed unstarted) never commits for a
+    /// partition another instance owns (I9). An adopted file's end is committed at once.
+    Start,
     Records(RecordChunk),
     /// Periodic check of the flush age.
     Tick,
@@ -121,6 +126,9 @@ pub struct PartitionWorkerState {
     /// A commit owed without a flush: (next offset, offsets it covers).
     pending_commit: Option<(i64, u64)>,
     committed: Option<i64>,
+    /// Set by [`PartitionWorkerMsg::Start`]; nothing is committed before.
+    started: bool,
+    adopted: Option<RawFileName>,
     tick: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -166,12 +174,6 @@ impl Actor for PartitionWorker {
         let tick = myself.send_interval(period, || PartitionWorkerMsg::Tick);
         let pending_commit =
             args.adopted.as_ref().map(|f| (f.last_offset + 1, (f.last_offset + 1 - f.first_offset) as u64));
-        if let Some(f) = &args.adopted {
-            args.ctx.stats.adopted_files.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::FILES_ADOPTED).increment(1);
-            tracing::info!(partition = args.partition, file = %f, "adopted an uploaded but uncommitted file");
-            args.ctx.file_committed(f.clone());
-        }
         tracing::debug!(partition = args.partition, start_offset = ?args.start_offset, "partition worker started");
         let state = PartitionWorkerState {
             partition: args.partition,
@@ -185,11 +187,10 @@ impl Actor for PartitionWorker {
             next_offset: args.start_offset,
             pending_commit,
             committed: None,
+            started: false,
+            adopted: args.adopted,
             tick: Some(tick),
         };
-        if state.pending_commit.is_some() {
-            myself.send_message(PartitionWorkerMsg::Tick)?;
-        }
         Ok(state)
     }
 
@@ -207,7 +208,20 @@ impl Actor for PartitionWorker {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            PartitionWorkerMsg::Start => {
+                state.started = true;
+                if let Some(f) = state.adopted.take() {
+                    state.ctx.stats.adopted_files.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::FILES_ADOPTED).increment(1);
+                    tracing::info!(partition = state.partition, file = %f, "adopted an uploaded but uncommitted file");
+                    if let Some((next, covers)) = state.pending_commit {
+                        state.commit(next, covers).await?;
+                    }
+                    state.ctx.file_committed(f);
+                }
+            }
             PartitionWorkerMsg::Records(chunk) => state.on_records(chunk).await?,
+            PartitionWorkerMsg::Tick if !state.started => {}
             PartitionWorkerMsg::Tick => {
                 if let Some((next, covers)) = state.pending_commit {
                     state.commit(next, covers).await?;
@@ -245,6 +259,9 @@ impl Window {
 
 impl PartitionWorkerState {
     async fn drain(&mut self) -> Result<(), ActorProcessingErr> {
+        if !self.started {
+            return Ok(());
+        }
         if let Some((next, covers)) = self.pending_commit {
             self.commit(next, covers).await?;
         }

@@ -28,6 +28,8 @@ pub const META_DIR: &str = "_trstream";
 
 const COL_TRANSACTION_TYPE: usize = 3;
 const COL_EVENT_TIME: usize = 12;
+/// `kafka_offset` in [`parquet::schema`](crate::lake::parquet::schema).
+pub const COL_KAFKA_OFFSET: usize = 14;
 
 /// One Hive partition of the table: a UTC day and a transaction type.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,6 +115,16 @@ pub struct Watermark {
     pub updated_at: String,
 }
 
+impl Watermark {
+    /// Where the next listing of raw files starts (a first offset): the first offset of the raw
+    /// file that moved the watermark here. A file that lands late, or a second writer's file,
+    /// can straddle the watermark while starting before it (I9); one that starts at or after
+    /// this floor is found. An unreadable `raw_file` lists the partition from the start.
+    pub fn listing_floor(&self) -> i64 {
+        RawFileName::parse(&self.raw_file).map_or(0, |n| n.first_offset.min(self.last_offset + 1))
+    }
+}
+
 /// Written before a merged file, deleted after its inputs are (I6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompactionIntent {
@@ -152,23 +164,89 @@ pub fn split(batch: &RecordBatch) -> Result<Vec<(HivePartition, RecordBatch)>, a
         .collect()
 }
 
+/// The part of one raw file that the partitioner still has to put in the table: its rows from
+/// offset `from` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSlice {
+    pub file: RawFileName,
+    pub from: i64,
+}
+
+impl RawSlice {
+    /// The name of the table files made from this slice: the offset range it contributes. A
+    /// whole file keeps its raw name, so a re-run overwrites the same keys.
+    pub fn output_name(&self) -> RawFileName {
+        RawFileName { first_offset: self.from, ..self.file.clone() }
+    }
+
+    pub fn is_whole(&self) -> bool {
+        self.from == self.file.first_offset
+    }
+}
+
+/// What the partitioner does with the raw files listed past `watermark`, in order (I9).
+///
+/// The partitioner works by offsets, not by file boundaries: files are taken by first offset
+/// (then last), one that ends at or below the watermark so far is skipped, and one that
+/// straddles it contributes only its rows above it; the watermark then moves to its last offset.
+/// Overlapping files (the same records at the same offsets, written by two owners or by a PUT
+/// that landed late) therefore put each offset in the table once.
+pub fn slices_after(watermark: Option<i64>, files: impl IntoIterator<Item = RawFileName>) -> Vec<RawSlice> {
+    let mut files: Vec<RawFileName> = files.into_iter().collect();
+    files.sort_by_key(|f| (f.first_offset, f.last_offset));
+    files.dedup();
+    let mut done = watermark;
+    let mut slices = Vec::new();
+    for file in files {
+        if done.is_some_and(|w| file.last_offset <= w) {
+            continue;
+        }
+        let from = done.map_or(file.first_offset, |w| file.first_offset.max(w + 1));
+        done = Some(file.last_offset);
+        slices.push(RawSlice { file, from });
+    }
+    slices
+}
+
+/// The `kafka_offset` column of a lake batch.
+pub fn offsets(batch: &RecordBatch) -> &[i64] {
+    batch.column(COL_KAFKA_OFFSET).as_primitive::<arrow_array::types::Int64Type>().values()
+}
+
+/// `batch` (rows of one Kafka partition, possibly from overlapping files) in offset order with
+/// each offset once: the first row of each offset is kept (a stable sort), the rest dropped.
+pub fn keep_each_offset_once(batch: &RecordBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let offs = offsets(batch);
+    if offs.windows(2).all(|w| w[0] < w[1]) {
+        return Ok(batch.clone());
+    }
+    let mut rows: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    rows.sort_by_key(|&r| offs[r as usize]);
+    rows.dedup_by_key(|r| offs[*r as usize]);
+    arrow_select::take::take_record_batch(batch, &UInt32Array::from(rows))
+}
+
 /// A table file as listed: its source name, key and size in bytes.
 pub type TableFile = (RawFileName, String, u64);
 
-/// One merge: consecutive small files of one Hive partition and one Kafka partition.
+/// One merge: consecutive small files of one Hive partition and one Kafka partition, or
+/// (`repair`) a set of overlapping files, merged keeping each offset once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergePlan {
     pub hive: HivePartition,
-    /// Inputs in offset order: (name, key, size).
+    /// Inputs by first offset: (name, key, size).
     pub inputs: Vec<TableFile>,
+    /// The inputs overlap: the merge keeps each (partition, offset) once.
+    pub repair: bool,
 }
 
 impl MergePlan {
-    /// The merged file's name: the offset range its inputs cover.
+    /// The merged file's name: the offset range its inputs cover. It is never one of theirs:
+    /// [`plan_group`] turns a cluster that one file covers whole into a [`TablePlan::DropRedundant`].
     pub fn output_name(&self) -> RawFileName {
         let first = &self.inputs[0].0;
-        let last = &self.inputs[self.inputs.len() - 1].0;
-        RawFileName { last_offset: last.last_offset, ..first.clone() }
+        let last = self.inputs.iter().map(|i| i.0.last_offset).max().expect("a merge has inputs");
+        RawFileName { last_offset: last, ..first.clone() }
     }
 
     pub fn output_key(&self) -> String {
@@ -184,7 +262,77 @@ impl MergePlan {
     }
 }
 
-/// Plans the merges of one (Hive partition, Kafka partition) group.
+/// What the compactor does with one (Hive partition, Kafka partition) group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TablePlan {
+    Merge(MergePlan),
+    /// `keep`'s range covers each of `redundant`'s: once their rows are checked to be in `keep`,
+    /// they are deleted (a merge would have to write its output over `keep`, one of its inputs).
+    DropRedundant {
+        hive: HivePartition,
+        keep: TableFile,
+        redundant: Vec<TableFile>,
+    },
+}
+
+impl TablePlan {
+    pub fn partition(&self) -> i32 {
+        match self {
+            TablePlan::Merge(m) => m.partition(),
+            TablePlan::DropRedundant { keep, .. } => keep.0.partition,
+        }
+    }
+}
+
+/// Plans one (Hive partition, Kafka partition) group (I6, I9).
+///
+/// Files whose offset ranges overlap (a late PUT, a second writer, a watermark that moved back)
+/// are repaired first, and nothing else of the group is merged in that pass: a cluster of
+/// overlapping files that one of them covers whole drops the others (their rows are in it), any
+/// other cluster is merged keeping each offset once, under a name none of them has. Without
+/// overlaps, small files are merged by [`plan_merges`]. So no plan's output is one of its
+/// inputs, and no plain merge has overlapping inputs.
+pub fn plan_group(
+    hive: &HivePartition,
+    mut files: Vec<TableFile>,
+    small_bytes: u64,
+    target_bytes: u64,
+    min_files: usize,
+) -> Vec<TablePlan> {
+    files.sort_by(|a, b| (a.0.first_offset, a.0.last_offset, &a.1).cmp(&(b.0.first_offset, b.0.last_offset, &b.1)));
+    files.dedup_by(|a, b| a.1 == b.1);
+    let mut clusters: Vec<Vec<TableFile>> = Vec::new();
+    let mut end = i64::MIN;
+    for f in files.iter().cloned() {
+        match clusters.last_mut() {
+            Some(c) if f.0.first_offset <= end => c.push(f),
+            _ => clusters.push(vec![f]),
+        }
+        end = end.max(clusters.last().expect("just pushed").last().expect("non-empty").0.last_offset);
+    }
+    let repairs: Vec<TablePlan> = clusters
+        .into_iter()
+        .filter(|c| c.len() > 1)
+        .map(|cluster| {
+            let first = cluster[0].0.first_offset;
+            let last = cluster.iter().map(|f| f.0.last_offset).max().expect("non-empty");
+            match cluster.iter().position(|f| f.0.first_offset == first && f.0.last_offset == last) {
+                Some(i) => {
+                    let mut redundant = cluster;
+                    let keep = redundant.remove(i);
+                    TablePlan::DropRedundant { hive: hive.clone(), keep, redundant }
+                }
+                None => TablePlan::Merge(MergePlan { hive: hive.clone(), inputs: cluster, repair: true }),
+            }
+        })
+        .collect();
+    if !repairs.is_empty() {
+        return repairs;
+    }
+    plan_merges(hive, files, small_bytes, target_bytes, min_files).into_iter().map(TablePlan::Merge).collect()
+}
+
+/// Plans the merges of one (Hive partition, Kafka partition) group whose files do not overlap.
 ///
 /// `files` are the group's files with their sizes, all at or below the partitioner's watermark.
 /// Once at least `min_files` of them are smaller than `small_bytes`, each run of consecutive
@@ -207,7 +355,7 @@ pub fn plan_merges(
     let mut size = 0u64;
     let mut close = |current: &mut Vec<_>, size: &mut u64| {
         if current.len() >= 2 {
-            plans.push(MergePlan { hive: hive.clone(), inputs: std::mem::take(current) });
+            plans.push(MergePlan { hive: hive.clone(), inputs: std::mem::take(current), repair: false });
         } else {
             current.clear();
         }
@@ -233,7 +381,9 @@ mod tests {
     use super::*;
     use crate::lake::parquet::{RowBuffer, schema};
     use crate::record::Transaction;
+    use proptest::prelude::*;
     use std::borrow::Cow;
+    use std::collections::BTreeSet;
 
     fn name(first: i64, last: i64) -> RawFileName {
         RawFileName { topic: "transactions".into(), partition: 2, first_offset: first, last_offset: last }
@@ -322,5 +472,221 @@ mod tests {
         assert_eq!(firsts, vec![vec![0, 10], vec![30, 40], vec![50, 60, 70]]);
         assert_eq!(plans[2].output_name(), name(50, 79));
         assert_eq!(plans[0].output_key(), format!("{}{}", h.dir(), name(0, 19).file_name()));
+    }
+
+    /// A table or raw file holds the rows of every offset of its range that belong to it: in
+    /// the model, offset `o` of the group's Hive partition is there unless `o % 5 == 3` (another
+    /// day or type, or dead-lettered).
+    fn model_rows(first: i64, last: i64) -> BTreeSet<i64> {
+        (first..=last).filter(|o| o % 5 != 3).collect()
+    }
+
+    fn table_file(first: i64, last: i64, size: u64) -> TableFile {
+        let n = name(first, last);
+        let key = HivePartition::of(0, "DEBIT").file_key(&n);
+        (n, key, size)
+    }
+
+    /// Random offset ranges within 0..200, overlapping often.
+    fn ranges(max_files: usize) -> impl Strategy<Value = Vec<(i64, i64)>> {
+        proptest::collection::vec((0i64..200, 0i64..40), 1..max_files)
+            .prop_map(|v| v.into_iter().map(|(a, len)| (a, a + len)).collect())
+    }
+
+    proptest! {
+        /// I9 for the compactor: whatever set of (overlapping) files a group holds, no plan writes
+        /// over one of its inputs, no plain merge has overlapping inputs, no output overlaps a
+        /// file outside its plan, and applying the plans pass after pass ends with files that do
+        /// not overlap, holding every offset exactly once.
+        #[test]
+        fn compaction_plans_never_overwrite_an_input_and_end_with_each_offset_once(
+            files in ranges(12),
+            sizes in proptest::collection::vec(1u64..60, 12),
+            min_files in 1usize..4,
+        ) {
+            let hive = HivePartition::of(0, "DEBIT");
+            // The group: key → rows. Files of one key are one object.
+            let mut group: BTreeMap<String, (TableFile, BTreeSet<i64>)> = BTreeMap::new();
+            for (i, (a, b)) in files.iter().enumerate() {
+                let f = table_file(*a, *b, sizes[i]);
+                group.insert(f.1.clone(), (f, model_rows(*a, *b)));
+            }
+            let expected: BTreeSet<i64> = group.values().flat_map(|(_, r)| r.iter().copied()).collect();
+            for _pass in 0..50 {
+                let listed: Vec<TableFile> = group.values().map(|(f, _)| f.clone()).collect();
+                let plans = plan_group(&hive, listed.clone(), 50, 120, min_files);
+                if plans.is_empty() {
+                    break;
+                }
+                let mut used = BTreeSet::new();
+                for plan in plans {
+                    match plan {
+                        TablePlan::Merge(m) => {
+                            let out = m.output_key();
+                            prop_assert!(m.inputs.len() >= 2);
+                            prop_assert!(m.inputs.iter().all(|i| i.1 != out), "output {} is an input", out);
+                            prop_assert!(m.inputs.iter().all(|i| used.insert(i.1.clone())), "an input in two plans");
+                            if !m.repair {
+                                for w in m.inputs.windows(2) {
+                                    prop_assert!(w[0].0.last_offset < w[1].0.first_offset, "plain merge of overlapping inputs");
+                                }
+                            }
+                            let o = m.output_name();
+                            for other in listed.iter().filter(|f| !m.inputs.contains(f)) {
+                                prop_assert!(other.0.last_offset < o.first_offset || other.0.first_offset > o.last_offset,
+                                    "output {} overlaps {}", o, other.0);
+                            }
+                            let mut rows = BTreeSet::new();
+                            for i in &m.inputs {
+                                rows.extend(group.remove(&i.1).expect("input listed").1);
+                            }
+                            let size = m.input_bytes();
+                            group.insert(out, ((o, m.output_key(), size), rows));
+                        }
+                        TablePlan::DropRedundant { keep, redundant, .. } => {
+                            prop_assert!(redundant.iter().all(|r| r.1 != keep.1));
+                            let kept = group[&keep.1].1.clone();
+                            for r in &redundant {
+                                prop_assert!(used.insert(r.1.clone()));
+                                let rows = group.remove(&r.1).expect("listed").1;
+                                prop_assert!(rows.is_subset(&kept), "dropping {} loses rows", r.0);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut seen = BTreeSet::new();
+            let mut last_end = i64::MIN;
+            for (f, rows) in group.values() {
+                prop_assert!(f.0.first_offset > last_end, "files still overlap at {}", f.0);
+                last_end = f.0.last_offset;
+                for o in rows {
+                    prop_assert!(seen.insert(*o), "offset {} twice", o);
+                }
+            }
+            prop_assert_eq!(seen, expected);
+        }
+
+        /// I9 for the partitioner, all files listed at once: whatever the overlaps, every offset
+        /// above the watermark that some file holds goes to the table exactly once, and nothing
+        /// at or below it.
+        #[test]
+        fn partitioner_slices_put_each_offset_above_the_watermark_once(
+            files in ranges(10),
+            watermark in proptest::option::of(0i64..150),
+        ) {
+            let names: Vec<RawFileName> = files.iter().map(|(a, b)| name(*a, *b)).collect();
+            let mut table = Vec::new();
+            let mut w = watermark;
+            for slice in slices_after(watermark, names.clone()) {
+                let out = slice.output_name();
+                prop_assert!(w.is_none_or(|w| out.first_offset > w), "slice {} not above {:?}", out, w);
+                prop_assert!(out.first_offset >= slice.file.first_offset && out.last_offset == slice.file.last_offset);
+                table.extend(model_rows(out.first_offset, out.last_offset));
+                w = Some(out.last_offset);
+            }
+            let expected: BTreeSet<i64> = names
+                .iter()
+                .flat_map(|n| model_rows(n.first_offset, n.last_offset))
+                .filter(|o| watermark.is_none_or(|w| *o > w))
+                .collect();
+            let unique: BTreeSet<i64> = table.iter().copied().collect();
+            prop_assert_eq!(unique.len(), table.len(), "an offset twice");
+            prop_assert_eq!(unique, expected);
+        }
+
+        /// The partitioner with files landing in any order between its listings (late PUTs, a
+        /// second writer): each listing starts at the watermark's floor, so an offset never goes
+        /// to the table twice, and every offset of a file that was there by a listing (and starts
+        /// at or after the floor then) goes in.
+        #[test]
+        fn partitioner_listings_between_late_files_never_double_an_offset(
+            files in ranges(10),
+            landing in proptest::collection::vec(0usize..4, 10),
+        ) {
+            let names: Vec<RawFileName> = files.iter().map(|(a, b)| name(*a, *b)).collect();
+            let mut landed: Vec<RawFileName> = Vec::new();
+            let mut table = Vec::new();
+            let (mut w, mut floor): (Option<i64>, i64) = (None, 0);
+            let mut owed = BTreeSet::new();
+            for round in 0..4 {
+                for (i, n) in names.iter().enumerate() {
+                    if landing[i] == round {
+                        landed.push(n.clone());
+                    }
+                }
+                let listed: Vec<RawFileName> = landed.iter().filter(|n| n.first_offset >= floor).cloned().collect();
+                for n in &listed {
+                    owed.extend(model_rows(n.first_offset, n.last_offset).into_iter().filter(|o| w.is_none_or(|w| *o > w)));
+                }
+                for slice in slices_after(w, listed) {
+                    let out = slice.output_name();
+                    table.extend(model_rows(out.first_offset, out.last_offset));
+                    w = Some(out.last_offset);
+                    floor = Watermark {
+                        topic: "transactions".into(),
+                        partition: 2,
+                        last_offset: out.last_offset,
+                        raw_file: slice.file.key("transactions"),
+                        updated_at: String::new(),
+                    }.listing_floor();
+                }
+            }
+            let unique: BTreeSet<i64> = table.iter().copied().collect();
+            prop_assert_eq!(unique.len(), table.len(), "an offset twice");
+            prop_assert!(owed.is_subset(&unique), "offsets lost: {:?}", owed.difference(&unique).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_straddling_file_contributes_only_its_rows_above_the_watermark() {
+        // [0-49] is done, [50-99] goes whole, [60-70] is covered, [90-120] straddles 99.
+        let slices = slices_after(Some(49), vec![name(90, 120), name(0, 49), name(50, 99), name(60, 70)]);
+        let out: Vec<(i64, i64)> =
+            slices.iter().map(|s| (s.output_name().first_offset, s.output_name().last_offset)).collect();
+        assert_eq!(out, vec![(50, 99), (100, 120)]);
+        assert!(slices[0].is_whole() && !slices[1].is_whole());
+    }
+
+    #[test]
+    fn overlapping_table_files_are_repaired_before_anything_is_merged() {
+        let h = HivePartition::of(0, "DEBIT");
+        // [0-99] covers [50-99] whole: drop it. [200-260] and [230-300] overlap: merge to [200-300].
+        let files = vec![
+            table_file(0, 99, 5),
+            table_file(50, 99, 5),
+            table_file(200, 260, 5),
+            table_file(230, 300, 5),
+            table_file(400, 410, 5),
+        ];
+        let plans = plan_group(&h, files, 50, 1000, 2);
+        assert_eq!(plans.len(), 2, "{plans:?}");
+        match &plans[0] {
+            TablePlan::DropRedundant { keep, redundant, .. } => {
+                assert_eq!(keep.0, name(0, 99));
+                assert_eq!(redundant.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![name(50, 99)]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &plans[1] {
+            TablePlan::Merge(m) => {
+                assert!(m.repair);
+                assert_eq!(m.output_name(), name(200, 300));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn merging_overlapping_rows_keeps_each_offset_once_in_offset_order() {
+        let mut buf = RowBuffer::new();
+        for (i, off) in [10i64, 11, 12, 11, 12, 13, 9].iter().enumerate() {
+            buf.push(&tx("DEBIT", 0, i as i64), 2, *off, 0);
+        }
+        let merged = keep_each_offset_once(&buf.finish()).unwrap();
+        assert_eq!(offsets(&merged), &[9, 10, 11, 12, 13]);
+        // The first row of each offset is kept.
+        let ids = merged.column(0).as_string::<i32>();
+        assert_eq!(ids.value(2), "00000000-0000-4000-8000-000000000001");
     }
 }

@@ -28,7 +28,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::context::PipelineCtx;
 use crate::faults::FaultPoint;
 use crate::lake::parquet;
-use crate::lake::table::{self, CompactionIntent, MergePlan};
+use crate::lake::table::{self, CompactionIntent, MergePlan, TableFile, TablePlan};
 use crate::lake::{HivePartition, WorkError};
 use crate::metrics as m;
 use crate::table::partitioner::read_watermark;
@@ -63,7 +63,7 @@ struct FileCounts {
 pub struct CompactorState {
     ctx: Arc<PipelineCtx>,
     to_recover: BTreeSet<i32>,
-    plans: VecDeque<MergePlan>,
+    plans: VecDeque<TablePlan>,
     /// Owned partitions whose files have not been listed since they were assigned.
     full_listing: BTreeSet<i32>,
     /// Per (Hive partition, Kafka partition), for the lake gauges.
@@ -143,7 +143,12 @@ impl Actor for Compactor {
                         state.to_recover.remove(&p);
                     })
                 } else if let Some(plan) = state.plans.pop_front() {
-                    let res = state.merge(&plan).await;
+                    let res = match &plan {
+                        TablePlan::Merge(m) => state.merge(m).await,
+                        TablePlan::DropRedundant { hive, keep, redundant } => {
+                            state.drop_redundant(hive, keep, redundant).await
+                        }
+                    };
                     if res.is_err() {
                         // The merge stopped somewhere between its intent and its last delete.
                         // Retrying the plan would overwrite the intent with one whose inputs are
@@ -245,7 +250,7 @@ impl CompactorState {
         }
         self.set_gauges();
         for ((hive, _), group) in groups {
-            self.plans.extend(table::plan_merges(
+            self.plans.extend(table::plan_group(
                 &hive,
                 group,
                 cfg.small_file_bytes,
@@ -302,15 +307,19 @@ impl CompactorState {
             }
         }
         let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
-        let (name, inputs) = (plan.output_name(), plan.inputs.len());
+        let (name, inputs, repair) = (plan.output_name(), plan.inputs.len(), plan.repair);
         let merged = tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), String> {
             let batches = bodies
                 .into_iter()
                 .map(parquet::decode)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("decoding a compaction input of {name}: {e}"))?;
-            let batch = arrow_select::concat::concat_batches(&parquet::schema(), &batches)
+            let mut batch = arrow_select::concat::concat_batches(&parquet::schema(), &batches)
                 .map_err(|e| format!("concatenating the inputs of {name}: {e}"))?;
+            if repair {
+                // Overlapping inputs (I9): each offset once, in offset order.
+                batch = table::keep_each_offset_once(&batch).map_err(|e| format!("deduplicating {name}: {e}"))?;
+            }
             let mut meta = parquet::source_metadata(&name, batch.num_rows());
             meta.push(::parquet::file::metadata::KeyValue::new("trstream.compacted_from".into(), inputs.to_string()));
             let bytes = parquet::encode_with(&batch, meta, level, rg).map_err(|e| format!("encoding {name}: {e}"))?;
@@ -325,6 +334,10 @@ impl CompactorState {
         self.ctx.faults.check(FaultPoint::CompactorAfterOutput)?;
 
         for (i, (_, key, _)) in plan.inputs.iter().enumerate() {
+            if *key == output_key {
+                // plan_group never plans this; a merge never deletes its own output (I9).
+                continue;
+            }
             self.ctx.table.delete(key).await?;
             if i == 0 {
                 self.ctx.faults.check(FaultPoint::CompactorMidDeletes)?;
@@ -353,6 +366,73 @@ impl CompactorState {
         Ok(())
     }
 
+    /// Deletes files whose range `keep` covers, once their rows are checked to be in it (I9): the
+    /// repair of overlapping table files when one covers the others. A file holding a row that
+    /// `keep` lacks (at an offset, or another transaction at the same offset) is left in place
+    /// and reported: its rows are not the ones `keep` holds, so neither copy is deleted.
+    async fn drop_redundant(
+        &mut self,
+        hive: &HivePartition,
+        keep: &TableFile,
+        redundant: &[TableFile],
+    ) -> Result<(), WorkError> {
+        let p = keep.0.partition;
+        if !self.ctx.owns(p) || self.to_recover.contains(&p) {
+            return Ok(());
+        }
+        let Some(kept) = self.ctx.table.get_opt(&keep.1).await? else {
+            tracing::warn!(key = %keep.1, "table file to keep is gone; replanning");
+            return Ok(());
+        };
+        let mut bodies = Vec::new();
+        for r in redundant {
+            if let Some(b) = self.ctx.table.get_opt(&r.1).await? {
+                bodies.push((r.1.clone(), b));
+            }
+        }
+        // Per file: its rows, all in `keep`; or why not.
+        type Verdicts = Vec<(String, Result<usize, String>)>;
+        let checked = tokio::task::spawn_blocking(move || -> Result<Verdicts, String> {
+            let kept = parquet::decode(kept).map_err(|e| format!("decoding a table file: {e}"))?;
+            let ids = |b: &arrow_array::RecordBatch| -> std::collections::HashMap<i64, String> {
+                use arrow_array::cast::AsArray;
+                let col = b.column(0).as_string::<i32>();
+                table::offsets(b).iter().enumerate().map(|(i, &o)| (o, col.value(i).to_string())).collect()
+            };
+            let have = ids(&kept);
+            Ok(bodies
+                .into_iter()
+                .map(|(key, body)| {
+                    let verdict = parquet::decode(body).map_err(|e| format!("not readable: {e}")).and_then(|b| {
+                        match ids(&b).into_iter().find(|(o, id)| have.get(o) != Some(id)) {
+                            None => Ok(b.num_rows()),
+                            Some((o, id)) => Err(format!("offset {o} ({id}) is not in the covering file")),
+                        }
+                    });
+                    (key, verdict)
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
+        .map_err(WorkError::Other)?;
+        for (key, verdict) in checked {
+            match verdict {
+                Ok(rows) => {
+                    self.ctx.table.delete(&key).await?;
+                    self.ctx.stats.overlaps_repaired.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::TABLE_OVERLAPS_REPAIRED).increment(1);
+                    tracing::info!(partition = p, hive = %hive.dir(), key = %key, covered_by = %keep.1, rows, "deleted a table file whose rows another holds");
+                }
+                Err(why) => {
+                    metrics::counter!(m::TABLE_OVERLAPS_UNRESOLVED).increment(1);
+                    tracing::error!(partition = p, key = %key, covered_by = %keep.1, reason = %why, "overlapping table files hold different rows; left in place, check the topic's history (trstream audit)");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Completes or rolls back every intent of partition `p` (I6).
     async fn recover(&mut self, p: i32) -> Result<(), WorkError> {
         if !self.ctx.owns(p) {
@@ -369,7 +449,11 @@ impl CompactorState {
                     )));
                 }
             };
-            let outcome = if self.ctx.table.exists(&intent.output).await? {
+            let outcome = if intent.inputs.contains(&intent.output) {
+                // Never planned by this version; completing it would delete its own output and
+                // rolling it back is always safe (an input is only deleted once the output exists).
+                "rolled_back"
+            } else if self.ctx.table.exists(&intent.output).await? {
                 for input in &intent.inputs {
                     self.ctx.table.delete(input).await?;
                 }

@@ -28,7 +28,7 @@ use crate::context::PipelineCtx;
 use crate::faults::FaultPoint;
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::parquet;
-use crate::lake::table::{self, Watermark};
+use crate::lake::table::{self, RawSlice, Watermark};
 use crate::lake::{StoreError, WorkError};
 use crate::metrics as m;
 
@@ -49,11 +49,25 @@ pub enum PartitionerMsg {
     CatchUp(RpcReplyPort<Result<u64, String>>),
 }
 
+/// A partition's progress: everything up to `last` is in the table; listings start at raw files
+/// whose first offset is at least `floor` ([`Watermark::listing_floor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub last: i64,
+    pub floor: i64,
+}
+
+impl From<&Watermark> for Mark {
+    fn from(w: &Watermark) -> Self {
+        Mark { last: w.last_offset, floor: w.listing_floor() }
+    }
+}
+
 #[derive(Default)]
 struct PartState {
     /// The watermark as last read or written; `None` until read, `Some(None)`: none yet.
-    watermark: Option<Option<i64>>,
-    queue: VecDeque<RawFileName>,
+    watermark: Option<Option<Mark>>,
+    queue: VecDeque<RawSlice>,
     needs_scan: bool,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -70,7 +84,7 @@ impl PartState {
 
     /// The last offset known to be covered, by the watermark or by a queued file.
     fn known_end(&self) -> Option<i64> {
-        self.queue.back().map(|f| f.last_offset).or(self.watermark.flatten())
+        self.queue.back().map(|s| s.file.last_offset).or(self.watermark.flatten().map(|m| m.last))
     }
 }
 
@@ -88,7 +102,7 @@ const CONCURRENT_UNITS: usize = 4;
 
 enum Unit {
     Scan(i32),
-    File(i32, RawFileName),
+    File(i32, RawSlice),
 }
 
 impl Unit {
@@ -101,9 +115,9 @@ impl Unit {
 
 /// What a unit found or did, applied to the actor's state once it is back.
 enum Done {
-    Scanned((Option<i64>, VecDeque<RawFileName>)),
-    /// The file, and whether it was partitioned (`false`: it was gone).
-    File(RawFileName, bool),
+    Scanned((Option<Mark>, VecDeque<RawSlice>)),
+    /// The slice, and whether it was partitioned (`false`: its raw file was gone).
+    File(RawSlice, bool),
 }
 
 impl Actor for Partitioner {
@@ -137,8 +151,10 @@ impl Actor for Partitioner {
                     match ps.known_end() {
                         _ if ps.watermark.is_none() || ps.needs_scan => ps.needs_scan = true,
                         Some(end) if name.last_offset <= end => {} // already covered
-                        Some(end) if name.first_offset == end + 1 => ps.queue.push_back(name),
-                        None if name.first_offset == 0 => ps.queue.push_back(name),
+                        Some(end) if name.first_offset == end + 1 => {
+                            ps.queue.push_back(RawSlice { from: name.first_offset, file: name })
+                        }
+                        None if name.first_offset == 0 => ps.queue.push_back(RawSlice { from: 0, file: name }),
                         // A gap: a file may have been committed while this actor was down, or
                         // the gap holds only dead-lettered records. The listing tells.
                         _ => ps.needs_scan = true,
@@ -274,7 +290,7 @@ impl PartitionerState {
             tasks.spawn(async move {
                 let res = match unit {
                     Unit::Scan(p) => list_after_watermark(&ctx, p, known).await.map(Done::Scanned),
-                    Unit::File(p, name) => partition_file(&ctx, p, &name).await.map(|ok| Done::File(name, ok)),
+                    Unit::File(p, slice) => partition_file(&ctx, p, &slice).await.map(|ok| Done::File(slice, ok)),
                 };
                 (p, res)
             });
@@ -303,9 +319,10 @@ impl PartitionerState {
                             ps.needs_scan = false;
                         }
                         Done::File(_, false) => ps.needs_scan = true,
-                        Done::File(name, true) => {
-                            ps.watermark = Some(Some(name.last_offset));
-                            if ps.queue.front() == Some(&name) {
+                        Done::File(slice, true) => {
+                            let mark = Mark { last: slice.file.last_offset, floor: slice.file.first_offset };
+                            ps.watermark = Some(Some(mark));
+                            if ps.queue.front() == Some(&slice) {
                                 ps.queue.pop_front();
                             }
                         }
@@ -339,33 +356,32 @@ impl PartitionerState {
     }
 }
 
-/// Reads the watermark unless `known`, then lists the raw files of `p` past it.
+/// Reads the watermark unless `known`, then lists the raw files of `p` from its floor and
+/// returns what is left to partition: whole files past the watermark, and the part above it of
+/// one that straddles it (I9).
 async fn list_after_watermark(
     ctx: &PipelineCtx,
     p: i32,
-    known: Option<Option<i64>>,
-) -> Result<(Option<i64>, VecDeque<RawFileName>), WorkError> {
+    known: Option<Option<Mark>>,
+) -> Result<(Option<Mark>, VecDeque<RawSlice>), WorkError> {
     let topic = &ctx.config.kafka.topic;
     let watermark = match known {
         Some(w) => w,
-        None => read_watermark(ctx, topic, p).await?,
+        None => read_watermark_mark(ctx, topic, p).await?,
     };
     let raw_prefix = &ctx.config.s3.raw_prefix;
-    let from = watermark.map_or(0, |w| w + 1);
-    let marker = keys::start_after_for(raw_prefix, topic, p, from);
+    let floor = watermark.map_or(0, |w| w.floor);
+    let marker = keys::start_after_for(raw_prefix, topic, p, floor);
     let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), Some(&marker)).await?;
-    let queue = listed
-        .iter()
-        .filter_map(|k| RawFileName::parse(k))
-        .filter(|n| &n.topic == topic && n.partition == p && n.first_offset >= from)
-        .collect();
-    Ok((watermark, queue))
+    let files = listed.iter().filter_map(|k| RawFileName::parse(k)).filter(|n| &n.topic == topic && n.partition == p);
+    Ok((watermark, table::slices_after(watermark.map(|w| w.last), files).into()))
 }
 
-/// Partitions one raw file: its outputs, then the watermark. `Ok(false)`: the raw file is gone
-/// (the partition must be listed again).
-async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result<bool, WorkError> {
+/// Partitions one slice of a raw file: its outputs, then the watermark. `Ok(false)`: the raw
+/// file is gone (the partition must be listed again).
+async fn partition_file(ctx: &PipelineCtx, p: i32, slice: &RawSlice) -> Result<bool, WorkError> {
     let started = Instant::now();
+    let name = &slice.file;
     let raw_key = name.key(&ctx.config.s3.raw_prefix);
     let Some(body) = ctx.store.get_opt(&raw_key).await? else {
         // Listed or handed over, now gone: only raw retention outside trstream does that.
@@ -373,19 +389,25 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result
         return Ok(false);
     };
     let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
-    let src = name.clone();
+    let (src, out, from) = (name.clone(), slice.output_name(), slice.from);
     type Output = (table::HivePartition, String, usize, Vec<u8>);
     let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Output>, String> {
-        let batch = parquet::decode(body).map_err(|e| format!("decoding {src}: {e}"))?;
+        let mut batch = parquet::decode(body).map_err(|e| format!("decoding {src}: {e}"))?;
+        if from > src.first_offset {
+            // A straddling file: only its rows above the watermark are still to go.
+            let keep = arrow_array::BooleanArray::from_iter(table::offsets(&batch).iter().map(|&o| Some(o >= from)));
+            batch = arrow_select::filter::filter_record_batch(&batch, &keep)
+                .map_err(|e| format!("slicing {src} from offset {from}: {e}"))?;
+        }
         let parts = table::split(&batch).map_err(|e| format!("splitting {src}: {e}"))?;
         parts
             .into_iter()
             .map(|(hive, part)| {
-                let mut meta = parquet::source_metadata(&src, part.num_rows());
+                let mut meta = parquet::source_metadata(&out, part.num_rows());
                 meta.push(::parquet::file::metadata::KeyValue::new("trstream.source.raw_file".into(), src.file_name()));
                 let bytes = parquet::encode_with(&part, meta, level, rg)
-                    .map_err(|e| format!("encoding {}: {e}", hive.file_key(&src)))?;
-                Ok((hive.clone(), hive.file_key(&src), part.num_rows(), bytes))
+                    .map_err(|e| format!("encoding {}: {e}", hive.file_key(&out)))?;
+                Ok((hive.clone(), hive.file_key(&out), part.num_rows(), bytes))
             })
             .collect()
     })
@@ -431,17 +453,22 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, name: &RawFileName) -> Result
     metrics::counter!(m::PARTITIONER_FILES).increment(1);
     metrics::counter!(m::PARTITIONER_ROWS).increment(rows as u64);
     metrics::counter!(m::PARTITIONER_OUTPUT_FILES).increment(files as u64);
-    tracing::debug!(partition = p, file = %name, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
+    tracing::debug!(partition = p, file = %name, from, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
     Ok(true)
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
 pub async fn read_watermark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+    Ok(read_watermark_mark(ctx, topic, partition).await?.map(|m| m.last))
+}
+
+/// The watermark of `partition` with its listing floor.
+async fn read_watermark_mark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<Mark>, StoreError> {
     let key = table::watermark_key(topic, partition);
     match ctx.table.get_opt(&key).await? {
         None => Ok(None),
         Some(body) => match serde_json::from_slice::<Watermark>(&body) {
-            Ok(w) => Ok(Some(w.last_offset)),
+            Ok(w) => Ok(Some(Mark::from(&w))),
             Err(e) => Err(StoreError::Fatal {
                 op: "read watermark",
                 target: key,
