@@ -6,7 +6,7 @@
 //! current partitioner) instead of holding each other's addresses, so a restarted actor is found
 //! by the next message.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use rdkafka::ClientConfig;
 use crate::config::Config;
 use crate::faults::Faults;
 use crate::ingest::dlq::DlqProducer;
-use crate::lake::{HivePartition, LakeStore, RawFileName};
+use crate::lake::owners::{self, OwnerRecord};
+use crate::lake::{CondPut, FenceError, Fenced, HivePartition, LakeStore, Precondition, RawFileName, StoreError};
 use crate::metrics::{Health, Stats};
 use crate::record::Validator;
 use crate::table::compactor::CompactorMsg;
@@ -46,6 +47,11 @@ pub struct PipelineCtx {
     /// Hive partitions the partitioner wrote to since the compactor last looked, per Kafka
     /// partition: the compactor lists only these between full listings.
     touched: Mutex<BTreeMap<i32, BTreeSet<HivePartition>>>,
+    /// This instance's claims (I9): per Kafka partition, the epoch it wrote into the owner record
+    /// and when it last saw it current.
+    claims: Mutex<HashMap<i32, Claim>>,
+    /// Whether the stores refuse a conditional write whose precondition fails (probed at start).
+    pub conditional_writes: AtomicBool,
     pub(crate) partitioner: Mutex<Option<ActorRef<PartitionerMsg>>>,
     pub(crate) compactor: Mutex<Option<ActorRef<CompactorMsg>>>,
 }
@@ -76,6 +82,8 @@ impl PipelineCtx {
             abandon: AtomicBool::new(false),
             owned: Mutex::new(BTreeSet::new()),
             touched: Mutex::new(BTreeMap::new()),
+            claims: Mutex::new(HashMap::new()),
+            conditional_writes: AtomicBool::new(false),
             partitioner: Mutex::new(None),
             compactor: Mutex::new(None),
         }
@@ -162,12 +170,100 @@ impl PipelineCtx {
         }
     }
 
+    /// Claims partition `p` for this instance (on assignment): writes the next epoch into its
+    /// owner record, conditionally where the store honours it, so that of two claims at once
+    /// one is refused and tries again on top of the other. Every earlier owner's next write of
+    /// `p` is then refused ([`PipelineCtx::check_fence`]).
+    pub async fn claim(&self, p: i32) -> Result<u64, StoreError> {
+        let topic = &self.config.kafka.topic;
+        let key = owners::owner_key(topic, p);
+        for _ in 0..5 {
+            let (prev, pre) = match self.store.get_with_etag(&key).await? {
+                None => (0, Precondition::Absent),
+                Some((body, etag)) => {
+                    // An unreadable record counts as epoch 0: the claim replaces it.
+                    let prev = serde_json::from_slice::<OwnerRecord>(&body).map_or(0, |r| r.epoch);
+                    (prev, etag.map_or(Precondition::Absent, Precondition::Matches))
+                }
+            };
+            let record = OwnerRecord {
+                topic: topic.clone(),
+                partition: p,
+                epoch: prev + 1,
+                instance: self.instance_id(),
+                claimed_at: chrono::Utc::now().to_rfc3339(),
+            };
+            let body = serde_json::to_vec_pretty(&record).expect("an owner record serializes");
+            match self.store.put_conditional(&key, body.into(), "application/json", &pre).await? {
+                CondPut::Written(_) => {
+                    let claim = Claim { epoch: record.epoch, checked: Instant::now() };
+                    self.claims.lock().unwrap().insert(p, claim);
+                    tracing::debug!(partition = p, epoch = record.epoch, "claimed");
+                    return Ok(record.epoch);
+                }
+                CondPut::Refused => continue,
+            }
+        }
+        Err(StoreError::Retryable {
+            op: "claim",
+            target: key,
+            detail: "five claims in a row lost to other writers".into(),
+        })
+    }
+
+    /// Before a write of partition `p` (raw file, table files, watermark, intent): `Ok` while
+    /// this instance's claim is still the partition's current epoch (I9). Within
+    /// `kafka.session_timeout / 3` of the last check no request is made (see `lake::owners`).
+    /// A superseded claim is dropped, so that nothing of this instance writes `p` again until
+    /// it is assigned `p` again.
+    pub async fn check_fence(&self, p: i32) -> Result<(), FenceError> {
+        let lease = self.config.kafka.session_timeout / 3;
+        let mine = match self.claims.lock().unwrap().get(&p) {
+            None => return Err(FenceError::Unclaimed(p)),
+            Some(c) if c.checked.elapsed() < lease => return Ok(()),
+            Some(c) => c.epoch,
+        };
+        let key = owners::owner_key(&self.config.kafka.topic, p);
+        let current = match self.store.get_opt(&key).await? {
+            Some(body) => serde_json::from_slice::<OwnerRecord>(&body).ok(),
+            None => None,
+        };
+        let mut claims = self.claims.lock().unwrap();
+        match current {
+            Some(r) if r.epoch == mine => {
+                if let Some(c) = claims.get_mut(&p).filter(|c| c.epoch == mine) {
+                    c.checked = Instant::now();
+                }
+                Ok(())
+            }
+            other => {
+                claims.remove(&p);
+                let (current, owner) =
+                    other.map_or((0, "nobody (the record is gone or unreadable)".into()), |r| (r.epoch, r.instance));
+                Err(Fenced { partition: p, mine, current, owner }.into())
+            }
+        }
+    }
+
+    /// `instance@host`, as written into owner records.
+    pub fn instance_id(&self) -> String {
+        let host =
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        format!("{}@{host}", self.instance)
+    }
+
     /// A worker committed a raw file: hand it to the partitioner.
     pub fn file_committed(&self, name: RawFileName) {
         if let Some(a) = self.partitioner.lock().unwrap().as_ref() {
             let _ = a.cast(PartitionerMsg::FileCommitted(name));
         }
     }
+}
+
+/// One claim of this instance (see [`PipelineCtx::check_fence`]).
+struct Claim {
+    epoch: u64,
+    checked: Instant,
 }
 
 /// Asks `actor` (if running) to let go of `parts` and waits up to `timeout_ms` for its answer.

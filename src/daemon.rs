@@ -283,7 +283,30 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
     }
     let dlq = DlqProducer::new(&kafka_base_config(&config), &config.kafka.dlq_topic, &config.kafka.topic)?;
     let instance = format!("trstream-{}-{}", std::process::id(), INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed));
+    // I9: which kind of store this is decides how exact the fence of watermarks and intents is.
+    let conditional = match store.honours_conditional_writes().await {
+        Ok(true) => {
+            tracing::info!(
+                bucket = store.bucket(),
+                "the store honours conditional writes: owner records, watermarks and intents are written conditionally"
+            );
+            true
+        }
+        Ok(false) => {
+            tracing::warn!(
+                bucket = store.bucket(),
+                "the store ignores conditional writes (Garage does): writers are fenced by a check before each write only, and a write that lands late is repaired by the table side (supervision.md, known limits)"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not probe the store for conditional writes; assuming it ignores them");
+            false
+        }
+    };
+    metrics::gauge!(m::STORE_CONDITIONAL_WRITES).set(if conditional { 1.0 } else { 0.0 });
     let ctx = Arc::new(PipelineCtx::new(config, store, table, dlq, health.clone(), faults.clone(), instance.clone()));
+    ctx.conditional_writes.store(conditional, Ordering::Relaxed);
     let stats = ctx.stats.clone();
     let (http_stop, http_rx) = tokio::sync::watch::channel(false);
     let http_addr = match ctx.config.http.listen.as_str() {

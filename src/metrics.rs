@@ -52,6 +52,9 @@ pub const COMPACTION_INPUT_BYTES: &str = "trstream_compaction_input_bytes_total"
 pub const COMPACTION_OUTPUT_BYTES: &str = "trstream_compaction_output_bytes_total";
 pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_total";
 pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
+pub const ZOMBIE_WRITES_REFUSED: &str = "trstream_zombie_writes_refused_total";
+pub const PARTITIONS_FENCED: &str = "trstream_partitions_fenced_total";
+pub const STORE_CONDITIONAL_WRITES: &str = "trstream_store_conditional_writes";
 pub const TABLE_OVERLAPS_REPAIRED: &str = "trstream_table_overlaps_repaired_total";
 pub const TABLE_OVERLAPS_UNRESOLVED: &str = "trstream_table_overlaps_unresolved_total";
 pub const LAKE_FILES: &str = "trstream_lake_files";
@@ -136,6 +139,21 @@ fn describe() {
     describe_counter!(COMPACTION_RECOVERED, Unit::Count, "Compaction intents found at start, by outcome.");
     describe_counter!(COMPACTION_ERRORS, Unit::Count, "Failed compaction attempts (each retried).");
     describe_counter!(
+        ZOMBIE_WRITES_REFUSED,
+        Unit::Count,
+        "Writes refused because another instance claimed the partition since this one did, by kind (raw, table, watermark, intent)."
+    );
+    describe_counter!(
+        PARTITIONS_FENCED,
+        Unit::Count,
+        "Partitions this instance stopped writing because another instance claimed them (a stall past the session timeout)."
+    );
+    describe_gauge!(
+        STORE_CONDITIONAL_WRITES,
+        Unit::Count,
+        "1 when the store refuses conditional writes whose precondition fails (MinIO, AWS S3), 0 when it ignores them (Garage)."
+    );
+    describe_counter!(
         TABLE_OVERLAPS_REPAIRED,
         Unit::Count,
         "Table files deleted because another file of the same rows covers their offsets (a late or second writer)."
@@ -183,8 +201,12 @@ fn register() {
         COMPACTION_ERRORS,
         TABLE_OVERLAPS_REPAIRED,
         TABLE_OVERLAPS_UNRESOLVED,
+        PARTITIONS_FENCED,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for kind in ["raw", "table", "watermark", "intent"] {
+        metrics::counter!(ZOMBIE_WRITES_REFUSED, "kind" => kind).increment(0);
     }
     for reason in RejectReason::ALL {
         metrics::counter!(RECORDS_INVALID, "reason" => reason.as_str()).increment(0);
@@ -342,6 +364,10 @@ pub struct Stats {
     pub intents_recovered: AtomicU64,
     /// Table files deleted because another covering their offsets holds their rows (I9).
     pub overlaps_repaired: AtomicU64,
+    /// Partitions given up because another instance claimed them (I9).
+    pub fenced_partitions: AtomicU64,
+    /// Writes refused by the fence (I9): raw, table (incl. watermark) and intent writes.
+    pub zombie_writes_refused: AtomicU64,
     /// Recoveries that finished after their partition was revoked or replaced: discarded.
     pub stale_recoveries: AtomicU64,
     /// Compaction passes, and those that listed the whole table (the others list only the Hive

@@ -240,7 +240,13 @@ impl Scenario {
     /// Stops the producer, waits until `daemon` has committed the whole topic, stops it
     /// gracefully (the partitioner catches up on the way out), and audits. Prints the
     /// scenario's line and asserts it clean.
-    fn finish(self, mut daemon: Daemon, producing: Producing, restarts: u64) {
+    fn finish(self, daemon: Daemon, producing: Producing, restarts: u64) {
+        self.finish_with(daemon, producing, restarts, true, "");
+    }
+
+    /// [`Scenario::finish`]; `raw_exact`: `raw-data` must hold every valid record exactly once
+    /// too (otherwise its duplicates are reported, not asserted); `extra` goes into the line.
+    fn finish_with(self, mut daemon: Daemon, producing: Producing, restarts: u64, raw_exact: bool, extra: &str) {
         producing.sent.stop.store(true, Ordering::Relaxed);
         producing.handle.join().expect("the producer thread");
         let sent = &producing.sent;
@@ -268,7 +274,7 @@ impl Scenario {
             None => "no recovery measured".into(),
         };
         eprintln!(
-            "[{}] produced {produced} ({} invalid; {} in the log), faults injected {}, restarts observed: {restarts} daemon, {actor_restarts} actor (last daemon), {recovery}, missing {}, duplicated {}, raw missing {}, raw duplicated {}, unexpected {}, in {:.0?} (seed {})",
+            "[{}] produced {produced} ({} invalid; {} in the log), faults injected {}, restarts observed: {restarts} daemon, {actor_restarts} actor (last daemon), {recovery}{extra}, missing {}, duplicated {}, raw missing {}, raw duplicated {}, unexpected {}, in {:.0?} (seed {})",
             self.name,
             sent.invalid.load(Ordering::Relaxed),
             a.records,
@@ -287,8 +293,11 @@ impl Scenario {
         assert!(a.invalid >= sent.invalid.load(Ordering::Relaxed));
         assert_eq!(a.in_dlq, a.invalid, "the DLQ holds exactly the invalid records");
         assert_eq!((a.missing, a.duplicated, a.unexpected), (0, 0, 0), "{a:?}");
-        assert_eq!((a.raw_missing, a.raw_duplicated), (0, 0), "{a:?}");
-        assert!(a.clean, "{a:?}");
+        assert_eq!(a.raw_missing, 0, "{a:?}");
+        if raw_exact {
+            assert_eq!(a.raw_duplicated, 0, "{a:?}");
+            assert!(a.clean, "{a:?}");
+        }
     }
 }
 
@@ -431,6 +440,37 @@ fn scaling_from_one_daemon_to_three_and_back_loses_and_duplicates_nothing() {
     let before = s.committed();
     s.recovered("scaling down to one".into(), down, &before);
     s.finish(one, producing, 0);
+}
+
+/// I9: a daemon stalled past its session timeout (SIGSTOP at random moments, so now and then
+/// mid-upload or mid-merge) while a second daemon takes its partitions, then resumed: what it
+/// was doing meets the fence (its partitions were claimed meanwhile), and the table ends with
+/// every row exactly once. A PUT already in flight when it stalled can still land late (the
+/// fence checks before a write, it cannot recall one): `raw-data` may then hold those offsets
+/// twice, which the line reports (supervision.md, known limits).
+#[test]
+fn pauses_past_the_session_timeout_lose_and_duplicate_nothing_in_the_table() {
+    let mut s = Scenario::new("pause");
+    let producing = s.produce(2_000);
+    let a = s.first_daemon("daemon-a", None);
+    let mut b = Daemon::start(s.dir.path(), "daemon-b", &s.config);
+    let assigned = |d: &Daemon| d.metric("trstream_partitions_assigned").unwrap_or(0.0) as i32;
+    wait_until("both daemons to own partitions", Duration::from_secs(90), || assigned(&a) > 0 && assigned(&b) > 0);
+    for _ in 0..3 {
+        std::thread::sleep(s.pause(1.0..4.0));
+        let before = s.committed();
+        let stalled = s.pause(8.0..12.0);
+        let from = Instant::now();
+        a.signal("STOP");
+        std::thread::sleep(stalled);
+        a.signal("CONT");
+        s.faults += 1;
+        s.recovered(format!("SIGSTOP for {:.1}s (session 6s)", stalled.as_secs_f64()), from, &before);
+    }
+    let refused = a.metric("trstream_zombie_writes_refused_total").unwrap_or(0.0);
+    let fenced = a.metric("trstream_partitions_fenced_total").unwrap_or(0.0);
+    assert!(b.terminate(Duration::from_secs(60)), "daemon-b exits 0 on SIGTERM");
+    s.finish_with(a, producing, 0, false, &format!(", zombie writes refused {refused}, partitions fenced {fenced}"));
 }
 
 #[test]

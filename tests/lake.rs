@@ -453,3 +453,94 @@ async fn straddling_and_overlapping_files_put_each_offset_in_the_table_once() {
     assert_eq!(t.raw_duplicated, Some(raw_doubled), "raw-data holds the second writer's overlap as crafted");
     assert_table_files_well_formed(&h);
 }
+
+/// I9, fencing: another instance claims a partition while this one holds it (as after a stall
+/// past the session timeout). This instance's next write of it is refused: the partition stops
+/// here (paused, its raw files, commits and watermark unchanged from then on) while the other
+/// partition goes on. The next instance to be assigned it claims it again and takes everything
+/// from the commit; the lake ends exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_claimed_by_another_instance_is_written_no_more() {
+    use trstream::lake::owners::{OwnerRecord, owner_key};
+    let mut h = Harness::new(2).await;
+    let config = h.lake_config();
+    let a = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(2_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+
+    let owner_path = h.dir.path().join("raw-data").join(owner_key(common::TOPIC, 0));
+    let mine: OwnerRecord = serde_json::from_slice(&std::fs::read(&owner_path).unwrap()).unwrap();
+    let intruder = OwnerRecord { epoch: mine.epoch + 1, instance: "intruder@elsewhere".into(), ..mine.clone() };
+    std::fs::write(&owner_path, serde_json::to_vec(&intruder).unwrap()).unwrap();
+    let stats = a.stats.clone();
+    while Stats::get(&stats.fenced_partitions) == 0 {
+        h.produce(200);
+        wait_for("a flush", DONE, || h.all_committed(GROUP) || Stats::get(&stats.fenced_partitions) > 0).await;
+    }
+    let p0_files: Vec<_> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
+    let p0_committed = h.committed(GROUP)[&0];
+    h.produce(4_000);
+    wait_for("partition 1 committed to its end", DONE, || h.committed(GROUP)[&1] == h.end_offsets()[&1]).await;
+    wait_for("partition 1 partitioned", DONE, || {
+        let wm = h.dir.path().join("tb-transactions").join(trstream::lake::table::watermark_key(common::TOPIC, 1));
+        std::fs::read(wm)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<trstream::lake::table::Watermark>(&b).ok())
+            .is_some_and(|w| {
+                h.raw_files().iter().filter(|(n, _)| n.partition == 1).all(|(n, _)| n.last_offset <= w.last_offset)
+            })
+    })
+    .await;
+    assert_eq!(Stats::get(&stats.fenced_partitions), 1, "partition 0 fenced once");
+    assert!(Stats::get(&stats.zombie_writes_refused) >= 1);
+    let now: Vec<_> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
+    assert_eq!(now, p0_files, "no raw file of partition 0 written after the fence");
+    assert_eq!(h.committed(GROUP)[&0], p0_committed, "no commit of partition 0 after the fence");
+    assert!(h.committed(GROUP)[&0] < h.end_offsets()[&0], "partition 0 stopped short of its end");
+    a.shutdown().await;
+
+    let b = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    settle(&h).await;
+    let owner: OwnerRecord = serde_json::from_slice(&std::fs::read(&owner_path).unwrap()).unwrap();
+    assert_eq!(owner.epoch, intruder.epoch + 1, "the next assignment claimed it over the intruder");
+    assert_clean(&h, &h.audit(&config).await);
+    b.shutdown().await;
+}
+
+/// I9, conditional watermarks: a watermark written behind the partitioner's back (a zombie
+/// partitioner's, moved back) makes the partitioner's next watermark write fail its
+/// precondition instead of overwriting it unseen; the partitioner reads it again, writes again
+/// what lies above it (under other names), and the compactor repairs the overlaps: the table
+/// ends exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_written_by_another_writer_is_never_overwritten_unseen() {
+    use trstream::lake::table::{self, Watermark};
+    let mut h = Harness::new(2).await;
+    let config = h.lake_config();
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    for _ in 0..4 {
+        h.produce(1_000);
+        tokio::time::sleep(Duration::from_millis(600)).await; // several raw files per partition
+    }
+    settle(&h).await;
+    let raw: Vec<_> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 1).collect();
+    assert!(raw.len() >= 2, "several raw files of partition 1: {}", raw.len());
+    let back = Watermark {
+        topic: raw[0].0.topic.clone(),
+        partition: 1,
+        last_offset: raw[0].0.last_offset,
+        raw_file: raw[0].0.key(&config.s3.raw_prefix),
+        updated_at: "by a zombie".into(),
+    };
+    let store = trstream::lake::LakeStore::new(&config.s3, &config.s3.table_bucket);
+    let key = table::watermark_key(&back.topic, 1);
+    store.put(&key, serde_json::to_vec(&back).unwrap().into(), "application/json").await.unwrap();
+    let stats = pipeline.stats.clone();
+    h.produce(2_000);
+    wait_for("the partitioner's watermark write refused", DONE, || Stats::get(&stats.zombie_writes_refused) >= 1).await;
+    settle(&h).await;
+    assert!(Stats::get(&stats.overlaps_repaired) >= 1, "the slices written again were repaired");
+    assert_no_overlapping_table_files(&h);
+    assert_clean(&h, &h.audit(&config).await);
+    pipeline.shutdown().await;
+}

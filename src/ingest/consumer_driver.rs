@@ -29,7 +29,7 @@ use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::Kind;
 use crate::ingest::Consumer;
 use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
-use crate::lake::RawFileName;
+use crate::lake::{FenceError, RawFileName};
 use crate::metrics as m;
 
 /// Records routed per poll round before the batches are handed to workers.
@@ -39,6 +39,8 @@ const MAX_BATCH: usize = 4096;
 pub enum DriverCmd {
     /// A worker died: recover its partition (seek back, rescan, respawn).
     WorkerDied { partition: i32, worker: ActorId },
+    /// A worker found its partition claimed by another instance (I9): stop it for good here.
+    Fenced { partition: i32, worker: ActorId },
     /// Graceful shutdown: drain every worker within the deadline, then leave the group.
     Shutdown { deadline: Instant },
     /// Stop now without committing anything more (the supervisor itself is going away).
@@ -55,14 +57,42 @@ enum Slot {
     },
     /// Paused, waiting for the recovery scan and a new worker. `attempt` identifies the scan in
     /// flight, if any, so a late result for a slot since revoked or replaced is discarded.
-    Recovering { next_try: Instant, backoff: Duration, attempt: Option<u64> },
+    /// `claim`: the partition was just assigned and its claim is still to be written (the scan
+    /// at assignment failed); otherwise the recovery only checks that the claim still holds.
+    Recovering { next_try: Instant, backoff: Duration, attempt: Option<u64>, claim: bool },
+    /// Another instance claimed the partition (I9): paused, nothing routed, nothing written,
+    /// until the group revokes it (the rebalance that gave it to the other instance reaches
+    /// this one) or assigns it here again.
+    Fenced,
 }
 
 /// The result of a recovery run off the driver thread.
 struct RecoveryDone {
     partition: i32,
     attempt: u64,
-    result: Result<Recovered, String>,
+    result: Result<Recovered, RecoveryFailure>,
+}
+
+/// Why a recovery did not make its partition ready.
+enum RecoveryFailure {
+    /// Worth trying again (the store or the broker is away).
+    Failed(String),
+    /// The partition is another instance's now (I9): do not try again.
+    Fenced(String),
+}
+
+impl std::fmt::Display for RecoveryFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecoveryFailure::Failed(e) | RecoveryFailure::Fenced(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<String> for RecoveryFailure {
+    fn from(e: String) -> Self {
+        RecoveryFailure::Failed(e)
+    }
 }
 
 #[derive(Default)]
@@ -170,15 +200,14 @@ impl DriverContext {
     fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?parts, "partitions assigned");
-        self.ctx.assign_partitions(&parts);
         let committed = self.committed(base, &parts);
         // The scans run concurrently, so a slow store costs one request timeout, not one per
         // partition, before the assignment is handed back to librdkafka.
-        let results: Vec<(i32, Result<Recovered, String>)> = match (&committed, self.consumer()) {
+        let results: Vec<(i32, Result<Recovered, RecoveryFailure>)> = match (&committed, self.consumer()) {
             (Ok(committed), Some(consumer)) => self.rt.block_on(async {
                 let mut set = tokio::task::JoinSet::new();
                 for &p in &parts {
-                    let job = self.recovery(p, committed.get(&p).copied().flatten(), consumer.clone());
+                    let job = self.recovery(p, committed.get(&p).copied().flatten(), consumer.clone(), true);
                     set.spawn(async move { (p, job.await) });
                 }
                 let mut out = Vec::new();
@@ -187,8 +216,8 @@ impl DriverContext {
                 }
                 out
             }),
-            (Err(e), _) => parts.iter().map(|&p| (p, Err(e.clone()))).collect(),
-            (_, None) => parts.iter().map(|&p| (p, Err("consumer is gone".to_string()))).collect(),
+            (Err(e), _) => parts.iter().map(|&p| (p, Err(e.clone().into()))).collect(),
+            (_, None) => parts.iter().map(|&p| (p, Err("consumer is gone".to_string().into()))).collect(),
         };
         let mut not_ready: Vec<i32> = parts.clone();
         for (p, result) in results {
@@ -208,10 +237,17 @@ impl DriverContext {
             }
         }
         for &p in &not_ready {
-            let slot =
-                Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(200), attempt: None };
+            let slot = Slot::Recovering {
+                next_try: Instant::now(),
+                backoff: Duration::from_millis(200),
+                attempt: None,
+                claim: true,
+            };
             self.state.lock().unwrap().slots.insert(p, slot);
         }
+        // The partitioner and compactor take the partitions on once their claims are written
+        // (I9): their fence checks pass from the start.
+        self.ctx.assign_partitions(&parts);
         if let Err(e) = base.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
         }
@@ -300,8 +336,9 @@ impl DriverContext {
         p: i32,
         committed: Option<i64>,
         consumer: Arc<Consumer>,
-    ) -> impl std::future::Future<Output = Result<Recovered, String>> + Send + 'static {
-        recovery(self.ctx.clone(), self.supervisor.clone(), p, committed, consumer)
+        claim: bool,
+    ) -> impl std::future::Future<Output = Result<Recovered, RecoveryFailure>> + Send + 'static {
+        recovery(self.ctx.clone(), self.supervisor.clone(), p, committed, consumer, claim)
     }
 }
 
@@ -312,8 +349,23 @@ async fn recovery(
     p: i32,
     committed: Option<i64>,
     consumer: Arc<Consumer>,
-) -> Result<Recovered, String> {
+    claim: bool,
+) -> Result<Recovered, RecoveryFailure> {
     let cfg = &ctx.config;
+    // I9: an assignment claims the partition (every earlier owner's next write is refused); a
+    // recovery after a worker died only checks that the claim still holds, so that an instance
+    // that lost the partition while it stalled never takes it back.
+    let fence = if claim { ctx.claim(p).await.map(|_| ()).map_err(FenceError::from) } else { ctx.check_fence(p).await };
+    match fence {
+        Ok(()) => {}
+        Err(e @ (FenceError::Fenced(_) | FenceError::Unclaimed(_))) => {
+            return Err(RecoveryFailure::Fenced(format!("recovery of partition {p}: {e}")));
+        }
+        Err(FenceError::Store(e)) => {
+            ctx.health.s3_ok.store(false, Ordering::Relaxed);
+            return Err(RecoveryFailure::Failed(format!("claim of partition {p}: {e}")));
+        }
+    }
     let latest: Option<RawFileName> =
         ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.kafka.topic, p, committed).await.map_err(|e| {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
@@ -336,7 +388,7 @@ async fn recovery(
     };
     let (worker, _) = Actor::spawn_linked(Some(name), PartitionWorker, args, supervisor)
         .await
-        .map_err(|e| format!("spawning the worker of partition {p}: {e}"))?;
+        .map_err(|e| RecoveryFailure::Failed(format!("spawning the worker of partition {p}: {e}")))?;
     tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
     Ok(Recovered { start, worker, budget })
 }
@@ -353,6 +405,7 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
         loop {
             match cmds.try_recv() {
                 Ok(DriverCmd::WorkerDied { partition, worker }) => on_worker_died(&consumer, partition, worker),
+                Ok(DriverCmd::Fenced { partition, worker }) => on_worker_fenced(&consumer, partition, worker),
                 Ok(DriverCmd::Shutdown { deadline }) => return shutdown(&consumer, deadline),
                 Ok(DriverCmd::Abort) => return abort(&consumer),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
@@ -526,8 +579,10 @@ fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
         budget.release_all();
     }
     st.pending.remove(&p);
-    st.slots
-        .insert(p, Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(100), attempt: None });
+    st.slots.insert(
+        p,
+        Slot::Recovering { next_try: Instant::now(), backoff: Duration::from_millis(100), attempt: None, claim: false },
+    );
     drop(st);
     // Stop fetching at once; records already fetched are dropped by the routing above.
     if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
@@ -536,13 +591,46 @@ fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
     tracing::warn!(partition = p, "partition worker died; seeking back to the committed offset");
 }
 
+/// A worker of `p` was refused a write because another instance claimed `p` (I9): the partition
+/// stays paused and unrouted, and the partitioner and compactor let go of it, until the group's
+/// rebalance reaches this instance.
+fn on_worker_fenced(consumer: &Consumer, p: i32, id: ActorId) {
+    let dc = consumer.context();
+    let mut st = dc.state.lock().unwrap();
+    if !matches!(st.slots.get(&p), Some(Slot::Ready { worker, .. }) if worker.get_id() == id) {
+        return;
+    }
+    if let Some(Slot::Ready { budget, .. }) = st.slots.remove(&p) {
+        budget.release_all();
+    }
+    st.pending.remove(&p);
+    st.slots.insert(p, Slot::Fenced);
+    drop(st);
+    if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
+        tracing::warn!(partition = p, error = %e, "pause of a fenced partition failed");
+    }
+    fence_partition(dc, p, "its worker was refused a write");
+}
+
+fn fence_partition(dc: &DriverContext, p: i32, why: &str) {
+    dc.ctx.disown(&[p]);
+    dc.ctx.stats.fenced_partitions.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::PARTITIONS_FENCED).increment(1);
+    tracing::error!(
+        partition = p,
+        reason = why,
+        "another instance claimed this partition while this one held it (a stall past the session timeout?): nothing more is written for it here until it is assigned again"
+    );
+}
+
 /// Starts a recovery, off this thread, for each `Recovering` partition that is due and has none
 /// in flight: a store that hangs must not stall polling, nor the partitions that are fine.
 fn retry_recoveries(consumer: &Arc<Consumer>) {
     let dc = consumer.context();
     let mut st = dc.state.lock().unwrap();
     for (&p, slot) in st.slots.iter_mut() {
-        let Slot::Recovering { next_try, attempt, .. } = slot else { continue };
+        let Slot::Recovering { next_try, attempt, claim, .. } = slot else { continue };
+        let claim = *claim;
         if attempt.is_some() || *next_try > Instant::now() {
             continue;
         }
@@ -563,9 +651,9 @@ fn retry_recoveries(consumer: &Arc<Consumer>) {
             })
             .await;
             let result = match committed {
-                Ok(Ok(committed)) => recovery(ctx, supervisor, p, committed, consumer).await,
-                Ok(Err(e)) => Err(format!("fetching the committed offset of partition {p}: {e}")),
-                Err(e) => Err(format!("committed-offset task failed: {e}")),
+                Ok(Ok(committed)) => recovery(ctx, supervisor, p, committed, consumer, claim).await,
+                Ok(Err(e)) => Err(format!("fetching the committed offset of partition {p}: {e}").into()),
+                Err(e) => Err(format!("committed-offset task failed: {e}").into()),
             };
             let _ = tx.send(RecoveryDone { partition: p, attempt: id, result });
         });
@@ -600,14 +688,14 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
             Ok(()) => Ok((worker, budget)),
             Err(e) => {
                 worker.kill();
-                Err(format!("seek of partition {p} to {target:?} failed: {e}"))
+                Err(format!("seek of partition {p} to {target:?} failed: {e}").into())
             }
         }
     });
     let mut st = dc.state.lock().unwrap();
-    let backoff = match st.slots.get(&p) {
-        Some(Slot::Recovering { backoff, .. }) => *backoff,
-        _ => Duration::from_millis(100),
+    let (backoff, claim) = match st.slots.get(&p) {
+        Some(Slot::Recovering { backoff, claim, .. }) => (*backoff, *claim),
+        _ => (Duration::from_millis(100), false),
     };
     match result {
         Ok((worker, budget)) => {
@@ -618,10 +706,16 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
                 tracing::warn!(partition = p, error = %e, "resume after recovery failed");
             }
         }
-        Err(e) => {
+        Err(RecoveryFailure::Fenced(e)) => {
+            st.slots.insert(p, Slot::Fenced);
+            drop(st);
+            fence_partition(dc, p, &e);
+        }
+        Err(RecoveryFailure::Failed(e)) => {
             tracing::warn!(partition = p, error = %e, retry_in = ?backoff, "partition recovery failed");
             let next = (backoff * 2).min(Duration::from_secs(10));
-            st.slots.insert(p, Slot::Recovering { next_try: Instant::now() + backoff, backoff: next, attempt: None });
+            let slot = Slot::Recovering { next_try: Instant::now() + backoff, backoff: next, attempt: None, claim };
+            st.slots.insert(p, slot);
         }
     }
 }

@@ -22,6 +22,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
 use crate::config::Config;
 use crate::context::{PipelineCtx, RestartIntensity};
+use crate::lake::Fenced;
 use crate::metrics as m;
 use consumer_driver::{DriverCmd, DriverContext};
 
@@ -154,6 +155,13 @@ impl Actor for IngestSupervisor {
                 tracing::error!(actor = %name, error = %err, "unknown child failed");
                 return Ok(());
             };
+            if err.downcast_ref::<Fenced>().is_some() {
+                // Not a fault to restart: the partition is another instance's now (I9).
+                metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "raw").increment(1);
+                state.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
+                let _ = state.cmds.send(DriverCmd::Fenced { partition, worker: cell.get_id() });
+                return Ok(());
+            }
             tracing::warn!(partition, error = %err, "partition worker failed");
             let sup = &state.ctx.config.supervision;
             let intensity = state.restarts.entry(partition).or_insert_with(|| RestartIntensity::new(sup));

@@ -21,7 +21,7 @@ use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::{Kind, Moment};
 use crate::ingest::Consumer;
 use crate::ingest::dlq::DeadLetter;
-use crate::lake::{PutOutcome, RawFileName, parquet};
+use crate::lake::{FenceError, Fenced, PutOutcome, RawFileName, parquet};
 use crate::metrics as m;
 
 /// Consumed records handed over by the driver: one buffer for a whole batch, so a batch costs
@@ -445,7 +445,20 @@ impl PartitionWorkerState {
         let mut wait = cfg.retry_initial_backoff;
         let started = Instant::now();
         loop {
-            match self.ctx.store.put_if_absent(key, body.clone()).await {
+            // I9: a worker whose partition another instance has claimed writes nothing more.
+            let fence = match self.ctx.check_fence(self.partition).await {
+                Ok(()) => Ok(()),
+                Err(FenceError::Fenced(f)) => return Err(Box::new(f)),
+                Err(FenceError::Unclaimed(p)) => {
+                    return Err(Box::new(Fenced { partition: p, mine: 0, current: 0, owner: "unknown".into() }));
+                }
+                Err(FenceError::Store(e)) => Err(e),
+            };
+            let put = match fence {
+                Ok(()) => self.ctx.store.put_if_absent(key, body.clone()).await,
+                Err(e) => Err(e),
+            };
+            match put {
                 Ok(outcome) => {
                     self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
                     metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());

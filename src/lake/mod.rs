@@ -5,12 +5,14 @@
 //! conditional create and the listing the recovery scan (I2) relies on.
 
 pub mod keys;
+pub mod owners;
 pub mod parquet;
 pub mod store;
 pub mod table;
 
 pub use keys::RawFileName;
-pub use store::{LakeStore, ObjectInfo, PutOutcome, StoreError};
+pub use owners::{FenceError, Fenced};
+pub use store::{CondPut, LakeStore, ObjectInfo, Precondition, PutOutcome, StoreError};
 pub use table::HivePartition;
 
 /// Why a unit of partitioner or compactor work failed: the store (retry if
@@ -18,6 +20,11 @@ pub use table::HivePartition;
 #[derive(Debug)]
 pub enum WorkError {
     Store(StoreError),
+    /// Another instance claimed the partition (I9): let go of it.
+    Fenced(Fenced),
+    /// A conditional write was refused: the watermark changed since it was read, or an intent
+    /// of that name exists. Read the state again (after a backoff) before going on.
+    Refused(String),
     Other(String),
 }
 
@@ -27,7 +34,26 @@ impl WorkError {
         match self {
             WorkError::Store(e) if e.is_retryable() => Ok(e),
             WorkError::Store(e) => Err(e.to_string()),
+            WorkError::Refused(e) => {
+                Ok(StoreError::Retryable { op: "conditional write", target: String::new(), detail: e })
+            }
+            WorkError::Fenced(f) => Err(f.to_string()),
             WorkError::Other(e) => Err(e),
+        }
+    }
+}
+
+impl From<FenceError> for WorkError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Fenced(f) => WorkError::Fenced(f),
+            // The assignment is still writing its claim: try again shortly.
+            FenceError::Unclaimed(p) => WorkError::Store(StoreError::Retryable {
+                op: "fence check",
+                target: format!("partition {p}"),
+                detail: "not claimed by this instance yet".into(),
+            }),
+            FenceError::Store(e) => WorkError::Store(e),
         }
     }
 }

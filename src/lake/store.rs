@@ -42,6 +42,24 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
+/// The precondition of a conditional write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// `If-None-Match: *`: no object has the key.
+    Absent,
+    /// `If-Match: <etag>`: the object is still the one last read or written.
+    Matches(String),
+}
+
+/// What a conditional write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CondPut {
+    /// Written; the new object's ETag, when the store gives one.
+    Written(Option<String>),
+    /// 412: the object is not what the writer expected (another writer got there first).
+    Refused,
+}
+
 fn classify<E, R>(op: &'static str, target: &str, err: &SdkError<E, R>, status: Option<u16>) -> StoreError
 where
     E: std::error::Error + 'static,
@@ -143,6 +161,58 @@ impl LakeStore {
                 let status = e.raw_response().map(|r| r.status().as_u16());
                 classify("PutObject", key, &e, status)
             })
+    }
+
+    /// Uploads `body` under `key` if `pre` holds (I9). A store that ignores preconditions
+    /// (Garage 2.5) always writes; [`LakeStore::honours_conditional_writes`] tells which.
+    pub async fn put_conditional(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        content_type: &str,
+        pre: &Precondition,
+    ) -> Result<CondPut, StoreError> {
+        let req = self.client.put_object().bucket(&self.bucket).key(key).content_type(content_type);
+        let req = match pre {
+            Precondition::Absent => req.if_none_match("*"),
+            Precondition::Matches(etag) => req.if_match(etag),
+        };
+        match req.body(ByteStream::from(body)).send().await {
+            Ok(out) => Ok(CondPut::Written(out.e_tag)),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(412) { Ok(CondPut::Refused) } else { Err(classify("PutObject", key, &e, status)) }
+            }
+        }
+    }
+
+    /// The object at `key` with its ETag, or `None` when there is none.
+    pub async fn get_with_etag(&self, key: &str) -> Result<Option<(bytes::Bytes, Option<String>)>, StoreError> {
+        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => {
+                let etag = out.e_tag.clone();
+                let body = out.body.collect().await.map_err(|e| StoreError::Retryable {
+                    op: "GetObject",
+                    target: key.to_string(),
+                    detail: e.to_string(),
+                })?;
+                Ok(Some((body.into_bytes(), etag)))
+            }
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if status == Some(404) { Ok(None) } else { Err(classify("GetObject", key, &e, status)) }
+            }
+        }
+    }
+
+    /// Whether the store refuses a conditional create of a key that exists, as MinIO, AWS S3
+    /// and s3s-fs do (Garage 2.5 overwrites). Probed once at start-up with a throw-away key.
+    pub async fn honours_conditional_writes(&self) -> Result<bool, StoreError> {
+        let key = format!("{}/probe/{}.json", crate::lake::table::META_DIR, uuid::Uuid::new_v4());
+        let first = self.put_conditional(&key, "{}".into(), "application/json", &Precondition::Absent).await?;
+        let second = self.put_conditional(&key, "{}".into(), "application/json", &Precondition::Absent).await?;
+        self.delete(&key).await?;
+        Ok(matches!(first, CondPut::Written(_)) && second == CondPut::Refused)
     }
 
     /// Deletes `key`. Idempotent: deleting a key that is not there (S3 answers 204, some stores

@@ -29,7 +29,7 @@ use crate::context::PipelineCtx;
 use crate::faults::FaultPoint;
 use crate::lake::parquet;
 use crate::lake::table::{self, CompactionIntent, MergePlan, TableFile, TablePlan};
-use crate::lake::{HivePartition, WorkError};
+use crate::lake::{CondPut, HivePartition, Precondition, WorkError};
 use crate::metrics as m;
 use crate::table::partitioner::read_watermark;
 
@@ -184,10 +184,30 @@ impl CompactorState {
     /// A retryable store error backs off; anything else fails the actor (it is restarted and
     /// recovers its intents first).
     fn outcome(&mut self, res: Result<(), WorkError>) -> Result<(), ActorProcessingErr> {
-        let Err(err) = res else {
-            self.backoff = Duration::ZERO;
-            return Ok(());
+        let err = match res {
+            Ok(()) => {
+                self.backoff = Duration::ZERO;
+                return Ok(());
+            }
+            Err(WorkError::Fenced(f)) => {
+                // Another instance claimed the partition (I9): its table is theirs now.
+                let p = f.partition;
+                metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "table").increment(1);
+                self.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition = p, error = %f, "compactor lets go of a partition claimed by another instance");
+                self.to_recover.remove(&p);
+                self.full_listing.remove(&p);
+                self.plans.retain(|plan| plan.partition() != p);
+                self.ctx.disown(&[p]);
+                return Ok(());
+            }
+            Err(err) => err,
         };
+        if let WorkError::Refused(why) = &err {
+            metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "intent").increment(1);
+            self.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(reason = %why, "intent write refused; recovering the partition's intents first");
+        }
         let e = err.retryable()?;
         metrics::counter!(m::COMPACTION_ERRORS).increment(1);
         self.backoff = self.ctx.config.upload.next_backoff(self.backoff);
@@ -281,6 +301,8 @@ impl CompactorState {
         if !self.ctx.owns(p) || self.to_recover.contains(&p) {
             return Ok(());
         }
+        // I9: nothing of a partition another instance has claimed is written.
+        self.ctx.check_fence(p).await?;
         let started = Instant::now();
         let topic = &self.ctx.config.kafka.topic;
         let output_key = plan.output_key();
@@ -291,7 +313,18 @@ impl CompactorState {
             created_at: chrono::Utc::now().to_rfc3339(),
         };
         let body = serde_json::to_vec_pretty(&intent).expect("an intent serializes");
-        self.ctx.table.put(&intent_key, body.into(), "application/json").await?;
+        if self.ctx.conditional_writes.load(Ordering::Relaxed) {
+            // An intent of this name exists: another writer's merge, or one of ours interrupted.
+            // Recover the partition's intents before planning again (the caller does).
+            let pre = Precondition::Absent;
+            if self.ctx.table.put_conditional(&intent_key, body.into(), "application/json", &pre).await?
+                == CondPut::Refused
+            {
+                return Err(WorkError::Refused(format!("the intent {intent_key} exists already")));
+            }
+        } else {
+            self.ctx.table.put(&intent_key, body.into(), "application/json").await?;
+        }
         self.ctx.faults.check(FaultPoint::CompactorAfterIntent)?;
 
         let mut bodies = Vec::with_capacity(plan.inputs.len());
@@ -380,6 +413,7 @@ impl CompactorState {
         if !self.ctx.owns(p) || self.to_recover.contains(&p) {
             return Ok(());
         }
+        self.ctx.check_fence(p).await?;
         let Some(kept) = self.ctx.table.get_opt(&keep.1).await? else {
             tracing::warn!(key = %keep.1, "table file to keep is gone; replanning");
             return Ok(());
@@ -438,6 +472,7 @@ impl CompactorState {
         if !self.ctx.owns(p) {
             return Ok(());
         }
+        self.ctx.check_fence(p).await?;
         let topic = &self.ctx.config.kafka.topic;
         for key in self.ctx.table.list_keys(&table::intents_prefix(topic, p), None).await? {
             let Some(body) = self.ctx.table.get_opt(&key).await? else { continue };

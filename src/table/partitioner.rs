@@ -29,7 +29,7 @@ use crate::faults::FaultPoint;
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::parquet;
 use crate::lake::table::{self, RawSlice, Watermark};
-use crate::lake::{StoreError, WorkError};
+use crate::lake::{CondPut, Precondition, StoreError, WorkError};
 use crate::metrics as m;
 
 pub struct Partitioner;
@@ -67,6 +67,10 @@ impl From<&Watermark> for Mark {
 struct PartState {
     /// The watermark as last read or written; `None` until read, `Some(None)`: none yet.
     watermark: Option<Option<Mark>>,
+    /// The watermark object's ETag as last read or written: its next write is conditional on it
+    /// where the store honours that (I9), so a second writer's watermark is never overwritten
+    /// unseen.
+    etag: Option<String>,
     queue: VecDeque<RawSlice>,
     needs_scan: bool,
     retry_at: Option<Instant>,
@@ -115,9 +119,11 @@ impl Unit {
 
 /// What a unit found or did, applied to the actor's state once it is back.
 enum Done {
-    Scanned((Option<Mark>, VecDeque<RawSlice>)),
-    /// The slice, and whether it was partitioned (`false`: its raw file was gone).
-    File(RawSlice, bool),
+    Scanned(Scan),
+    /// The slice, partitioned; the watermark's new ETag.
+    File(RawSlice, Option<String>),
+    /// The slice's raw file was gone: list again.
+    Gone,
 }
 
 impl Actor for Partitioner {
@@ -286,11 +292,23 @@ impl PartitionerState {
                 continue;
             }
             let ctx = self.ctx.clone();
-            let known = self.parts.get(&p).and_then(|ps| ps.watermark);
+            let known = self.parts.get(&p).and_then(|ps| ps.watermark.map(|w| (w, ps.etag.clone())));
+            // The watermark's write is conditional on what was last seen of it, where the store
+            // honours that: created if there was none, replaced only if unchanged.
+            let pre = match self.parts.get(&p).map(|ps| (ps.watermark, ps.etag.clone())) {
+                _ if !self.ctx.conditional_writes.load(Ordering::Relaxed) => None,
+                Some((Some(None), _)) => Some(Precondition::Absent),
+                Some((Some(Some(_)), Some(etag))) => Some(Precondition::Matches(etag)),
+                _ => None,
+            };
             tasks.spawn(async move {
                 let res = match unit {
                     Unit::Scan(p) => list_after_watermark(&ctx, p, known).await.map(Done::Scanned),
-                    Unit::File(p, slice) => partition_file(&ctx, p, &slice).await.map(|ok| Done::File(slice, ok)),
+                    Unit::File(p, slice) => match partition_file(&ctx, p, &slice, pre).await {
+                        Ok(Some(etag)) => Ok(Done::File(slice, etag)),
+                        Ok(None) => Ok(Done::Gone),
+                        Err(e) => Err(e),
+                    },
                 };
                 (p, res)
             });
@@ -313,15 +331,17 @@ impl PartitionerState {
                     ps.retry_at = None;
                     ps.backoff = Duration::ZERO;
                     match done {
-                        Done::Scanned((watermark, queue)) => {
+                        Done::Scanned(Scan { watermark, etag, queue }) => {
                             ps.watermark = Some(watermark);
+                            ps.etag = etag;
                             ps.queue = queue;
                             ps.needs_scan = false;
                         }
-                        Done::File(_, false) => ps.needs_scan = true,
-                        Done::File(slice, true) => {
+                        Done::Gone => ps.needs_scan = true,
+                        Done::File(slice, etag) => {
                             let mark = Mark { last: slice.file.last_offset, floor: slice.file.first_offset };
                             ps.watermark = Some(Some(mark));
+                            ps.etag = etag;
                             if ps.queue.front() == Some(&slice) {
                                 ps.queue.pop_front();
                             }
@@ -331,7 +351,21 @@ impl PartitionerState {
                 self.ctx.health.s3_ok.store(true, Ordering::Relaxed);
                 Ok(())
             }
+            Err(WorkError::Fenced(f)) => {
+                // Another instance claimed the partition (I9): its table is theirs now.
+                metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "table").increment(1);
+                self.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition = p, error = %f, "partitioner lets go of a partition claimed by another instance");
+                self.parts.remove(&p);
+                self.ctx.disown(&[p]);
+                Ok(())
+            }
             Err(err) => {
+                if let WorkError::Refused(why) = &err {
+                    metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "watermark").increment(1);
+                    self.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = p, reason = %why, "watermark write refused; reading it again");
+                }
                 let e = err.retryable()?;
                 metrics::counter!(m::PARTITIONER_ERRORS).increment(1);
                 self.ctx.health.s3_ok.store(false, Ordering::Relaxed);
@@ -356,16 +390,23 @@ impl PartitionerState {
     }
 }
 
+/// What a listing found: the watermark (with its ETag) and the slices left to partition.
+struct Scan {
+    watermark: Option<Mark>,
+    etag: Option<String>,
+    queue: VecDeque<RawSlice>,
+}
+
 /// Reads the watermark unless `known`, then lists the raw files of `p` from its floor and
 /// returns what is left to partition: whole files past the watermark, and the part above it of
 /// one that straddles it (I9).
 async fn list_after_watermark(
     ctx: &PipelineCtx,
     p: i32,
-    known: Option<Option<Mark>>,
-) -> Result<(Option<Mark>, VecDeque<RawSlice>), WorkError> {
+    known: Option<(Option<Mark>, Option<String>)>,
+) -> Result<Scan, WorkError> {
     let topic = &ctx.config.kafka.topic;
-    let watermark = match known {
+    let (watermark, etag) = match known {
         Some(w) => w,
         None => read_watermark_mark(ctx, topic, p).await?,
     };
@@ -374,19 +415,27 @@ async fn list_after_watermark(
     let marker = keys::start_after_for(raw_prefix, topic, p, floor);
     let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), Some(&marker)).await?;
     let files = listed.iter().filter_map(|k| RawFileName::parse(k)).filter(|n| &n.topic == topic && n.partition == p);
-    Ok((watermark, table::slices_after(watermark.map(|w| w.last), files).into()))
+    Ok(Scan { watermark, etag, queue: table::slices_after(watermark.map(|w| w.last), files).into() })
 }
 
-/// Partitions one slice of a raw file: its outputs, then the watermark. `Ok(false)`: the raw
-/// file is gone (the partition must be listed again).
-async fn partition_file(ctx: &PipelineCtx, p: i32, slice: &RawSlice) -> Result<bool, WorkError> {
+/// Partitions one slice of a raw file: its outputs, then the watermark (under `pre`, when
+/// given). `Ok(Some(etag))`: done, the new watermark's ETag; `Ok(None)`: the raw file is gone
+/// (the partition must be listed again).
+async fn partition_file(
+    ctx: &PipelineCtx,
+    p: i32,
+    slice: &RawSlice,
+    pre: Option<Precondition>,
+) -> Result<Option<Option<String>>, WorkError> {
+    // I9: nothing of a partition another instance has claimed is written.
+    ctx.check_fence(p).await?;
     let started = Instant::now();
     let name = &slice.file;
     let raw_key = name.key(&ctx.config.s3.raw_prefix);
     let Some(body) = ctx.store.get_opt(&raw_key).await? else {
         // Listed or handed over, now gone: only raw retention outside trstream does that.
         tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
-        return Ok(false);
+        return Ok(None);
     };
     let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
     let (src, out, from) = (name.clone(), slice.output_name(), slice.from);
@@ -444,7 +493,20 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, slice: &RawSlice) -> Result<b
         updated_at: chrono::Utc::now().to_rfc3339(),
     };
     let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
-    ctx.table.put(&table::watermark_key(&name.topic, p), body.into(), "application/json").await?;
+    let wm_key = table::watermark_key(&name.topic, p);
+    let new_etag = if let Some(pre) = pre {
+        match ctx.table.put_conditional(&wm_key, body.into(), "application/json", &pre).await? {
+            CondPut::Written(etag) => etag,
+            CondPut::Refused => {
+                return Err(WorkError::Refused(format!(
+                    "the watermark {wm_key} changed since it was read (another writer's?)"
+                )));
+            }
+        }
+    } else {
+        ctx.table.put(&wm_key, body.into(), "application/json").await?;
+        None
+    };
     ctx.faults.check(FaultPoint::PartitionerAfterWatermark)?;
     ctx.touch(p, hives);
     ctx.stats.partitioned_files.fetch_add(1, Ordering::Relaxed);
@@ -454,21 +516,25 @@ async fn partition_file(ctx: &PipelineCtx, p: i32, slice: &RawSlice) -> Result<b
     metrics::counter!(m::PARTITIONER_ROWS).increment(rows as u64);
     metrics::counter!(m::PARTITIONER_OUTPUT_FILES).increment(files as u64);
     tracing::debug!(partition = p, file = %name, from, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
-    Ok(true)
+    Ok(Some(new_etag))
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
 pub async fn read_watermark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-    Ok(read_watermark_mark(ctx, topic, partition).await?.map(|m| m.last))
+    Ok(read_watermark_mark(ctx, topic, partition).await?.0.map(|m| m.last))
 }
 
-/// The watermark of `partition` with its listing floor.
-async fn read_watermark_mark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<Mark>, StoreError> {
+/// The watermark of `partition` with its listing floor, and the object's ETag.
+async fn read_watermark_mark(
+    ctx: &PipelineCtx,
+    topic: &str,
+    partition: i32,
+) -> Result<(Option<Mark>, Option<String>), StoreError> {
     let key = table::watermark_key(topic, partition);
-    match ctx.table.get_opt(&key).await? {
-        None => Ok(None),
-        Some(body) => match serde_json::from_slice::<Watermark>(&body) {
-            Ok(w) => Ok(Some(Mark::from(&w))),
+    match ctx.table.get_with_etag(&key).await? {
+        None => Ok((None, None)),
+        Some((body, etag)) => match serde_json::from_slice::<Watermark>(&body) {
+            Ok(w) => Ok((Some(Mark::from(&w)), etag)),
             Err(e) => Err(StoreError::Fatal {
                 op: "read watermark",
                 target: key,

@@ -346,8 +346,13 @@ impl Daemon {
 
     /// Sends SIGUSR1 (arms `arm=usr1` faults).
     pub fn signal_usr1(&self) {
+        self.signal("USR1");
+    }
+
+    /// Sends `SIG<name>` (e.g. `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
         if let Some(c) = &self.process.child {
-            let _ = Command::new("kill").args(["-USR1", &c.id().to_string()]).status();
+            let _ = Command::new("kill").args([&format!("-{name}"), &c.id().to_string()]).status();
         }
     }
 
