@@ -463,7 +463,9 @@ fn pauses_past_the_session_timeout_lose_and_duplicate_nothing_in_the_table() {
         let from = Instant::now();
         a.signal("STOP");
         std::thread::sleep(stalled);
+        let taken = assigned(&b);
         a.signal("CONT");
+        eprintln!("[pause] daemon-b owned {taken} of {PARTITIONS} partitions at the end of the stall");
         s.faults += 1;
         s.recovered(format!("SIGSTOP for {:.1}s (session 6s)", stalled.as_secs_f64()), from, &before);
     }
