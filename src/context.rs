@@ -177,6 +177,7 @@ impl PipelineCtx {
     pub async fn claim(&self, p: i32) -> Result<u64, StoreError> {
         let topic = &self.config.kafka.topic;
         let key = owners::owner_key(topic, p);
+        let conditional = self.conditional_writes.load(Ordering::Relaxed);
         for _ in 0..5 {
             let (prev, pre) = match self.store.get_with_etag(&key).await? {
                 None => (0, Precondition::Absent),
@@ -191,12 +192,22 @@ impl PipelineCtx {
                 partition: p,
                 epoch: prev + 1,
                 instance: self.instance_id(),
+                token: uuid::Uuid::new_v4().to_string(),
                 claimed_at: chrono::Utc::now().to_rfc3339(),
             };
-            let body = serde_json::to_vec_pretty(&record).expect("an owner record serializes");
-            match self.store.put_conditional(&key, body.into(), "application/json", &pre).await? {
+            let body = bytes::Bytes::from(serde_json::to_vec_pretty(&record).expect("an owner record serializes"));
+            let written = if conditional {
+                self.store.put_conditional(&key, body, "application/json", &pre).await?
+            } else {
+                // A store that ignores preconditions (Garage) may answer them with an error:
+                // send none. Two claims at once then both write, and the later one stands; the
+                // token tells the earlier one, at its next check, that it lost.
+                self.store.put(&key, body, "application/json").await?;
+                CondPut::Written(None)
+            };
+            match written {
                 CondPut::Written(_) => {
-                    let claim = Claim { epoch: record.epoch, checked: Instant::now() };
+                    let claim = Claim { epoch: record.epoch, token: record.token, checked: Instant::now() };
                     self.claims.lock().unwrap().insert(p, claim);
                     tracing::debug!(partition = p, epoch = record.epoch, "claimed");
                     return Ok(record.epoch);
@@ -211,35 +222,59 @@ impl PipelineCtx {
         })
     }
 
+    /// Whether this instance holds a claim on `p` (it may have been superseded since).
+    pub fn has_claim(&self, p: i32) -> bool {
+        self.claims.lock().unwrap().contains_key(&p)
+    }
+
     /// Before a write of partition `p` (raw file, table files, watermark, intent): `Ok` while
-    /// this instance's claim is still the partition's current epoch (I9). Within
-    /// `kafka.session_timeout / 3` of the last check no request is made (see `lake::owners`).
-    /// A superseded claim is dropped, so that nothing of this instance writes `p` again until
-    /// it is assigned `p` again.
+    /// this instance's claim is still the partition's current one (its epoch and token, I9).
+    /// Within `kafka.session_timeout / 3` of the last check (measured from when that check's
+    /// request was sent) no request is made (see `lake::owners`). A superseded claim is dropped,
+    /// so that nothing of this instance writes `p` again until it is assigned `p` again.
     pub async fn check_fence(&self, p: i32) -> Result<(), FenceError> {
         let lease = self.config.kafka.session_timeout / 3;
-        let mine = match self.claims.lock().unwrap().get(&p) {
+        let (mine, token) = match self.claims.lock().unwrap().get(&p) {
             None => return Err(FenceError::Unclaimed(p)),
             Some(c) if c.checked.elapsed() < lease => return Ok(()),
-            Some(c) => c.epoch,
+            Some(c) => (c.epoch, c.token.clone()),
         };
         let key = owners::owner_key(&self.config.kafka.topic, p);
-        let current = match self.store.get_opt(&key).await? {
-            Some(body) => serde_json::from_slice::<OwnerRecord>(&body).ok(),
-            None => None,
-        };
+        let sent = Instant::now();
+        let current = self.store.get_opt(&key).await?.map(|body| serde_json::from_slice::<OwnerRecord>(&body).ok());
         let mut claims = self.claims.lock().unwrap();
+        // Only the claim this check was about: a newer one of this instance (assigned `p` again
+        // meanwhile) is left alone.
+        let same = |c: &Claim| c.epoch == mine && c.token == token;
         match current {
-            Some(r) if r.epoch == mine => {
-                if let Some(c) = claims.get_mut(&p).filter(|c| c.epoch == mine) {
-                    c.checked = Instant::now();
+            Some(Some(r)) if r.epoch == mine && r.token == token => {
+                if let Some(c) = claims.get_mut(&p).filter(|c| same(c)) {
+                    c.checked = sent;
                 }
                 Ok(())
             }
-            other => {
-                claims.remove(&p);
+            None => {
+                // The record is gone (a retention rule on the bucket?): nobody claimed after us.
+                drop(claims);
+                tracing::warn!(partition = p, key = %key, "the partition's owner record is gone; writing it again");
+                let record = OwnerRecord {
+                    topic: self.config.kafka.topic.clone(),
+                    partition: p,
+                    epoch: mine,
+                    instance: self.instance_id(),
+                    token,
+                    claimed_at: chrono::Utc::now().to_rfc3339(),
+                };
+                let body = serde_json::to_vec_pretty(&record).expect("an owner record serializes");
+                self.store.put_conditional(&key, body.into(), "application/json", &Precondition::Absent).await?;
+                Ok(())
+            }
+            Some(other) => {
+                if claims.get(&p).is_some_and(same) {
+                    claims.remove(&p);
+                }
                 let (current, owner) =
-                    other.map_or((0, "nobody (the record is gone or unreadable)".into()), |r| (r.epoch, r.instance));
+                    other.map_or((0, "nobody (the record is unreadable)".into()), |r| (r.epoch, r.instance));
                 Err(Fenced { partition: p, mine, current, owner }.into())
             }
         }
@@ -263,6 +298,9 @@ impl PipelineCtx {
 /// One claim of this instance (see [`PipelineCtx::check_fence`]).
 struct Claim {
     epoch: u64,
+    /// Random, per claim: on a store that ignores preconditions two claims can write the same
+    /// epoch; the token tells them apart.
+    token: String,
     checked: Instant,
 }
 

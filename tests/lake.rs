@@ -470,7 +470,12 @@ async fn a_partition_claimed_by_another_instance_is_written_no_more() {
 
     let owner_path = h.dir.path().join("raw-data").join(owner_key(common::TOPIC, 0));
     let mine: OwnerRecord = serde_json::from_slice(&std::fs::read(&owner_path).unwrap()).unwrap();
-    let intruder = OwnerRecord { epoch: mine.epoch + 1, instance: "intruder@elsewhere".into(), ..mine.clone() };
+    let intruder = OwnerRecord {
+        epoch: mine.epoch + 1,
+        instance: "intruder@elsewhere".into(),
+        token: "intruder".into(),
+        ..mine.clone()
+    };
     std::fs::write(&owner_path, serde_json::to_vec(&intruder).unwrap()).unwrap();
     let stats = a.stats.clone();
     while Stats::get(&stats.fenced_partitions) == 0 {

@@ -355,6 +355,10 @@ async fn recovery(
     // I9: an assignment claims the partition (every earlier owner's next write is refused); a
     // recovery after a worker died only checks that the claim still holds, so that an instance
     // that lost the partition while it stalled never takes it back.
+    if claim && !ctx.owns(p) {
+        // A retry that outlived its assignment: claiming now would fence the new owner.
+        return Err(RecoveryFailure::Failed(format!("partition {p} was revoked before its claim")));
+    }
     let fence = if claim { ctx.claim(p).await.map(|_| ()).map_err(FenceError::from) } else { ctx.check_fence(p).await };
     match fence {
         Ok(()) => {}

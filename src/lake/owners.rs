@@ -29,6 +29,10 @@ pub struct OwnerRecord {
     pub epoch: u64,
     /// The instance that claimed it (`trstream-<pid>-<n>@<host>`), for operators.
     pub instance: String,
+    /// Random, per claim (I9): tells apart two claims of one epoch on a store that ignores
+    /// conditional writes.
+    #[serde(default)]
+    pub token: String,
     pub claimed_at: String,
 }
 
@@ -77,6 +81,7 @@ mod tests {
             partition: 7,
             epoch: 3,
             instance: "trstream-1-0@h".into(),
+            token: "t".into(),
             claimed_at: "2026-11-27T00:00:00Z".into(),
         };
         assert_eq!(serde_json::from_slice::<OwnerRecord>(&serde_json::to_vec(&r).unwrap()).unwrap(), r);

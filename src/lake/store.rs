@@ -205,14 +205,17 @@ impl LakeStore {
         }
     }
 
-    /// Whether the store refuses a conditional create of a key that exists, as MinIO, AWS S3
-    /// and s3s-fs do (Garage 2.5 overwrites). Probed once at start-up with a throw-away key.
+    /// Whether the store refuses a conditional create of a key that exists and a replacement
+    /// under a stale ETag, as MinIO, AWS S3 and s3s-fs do (Garage 2.5 overwrites). Probed once
+    /// at start-up with a throw-away key; an error answer counts as "no".
     pub async fn honours_conditional_writes(&self) -> Result<bool, StoreError> {
         let key = format!("{}/probe/{}.json", crate::lake::table::META_DIR, uuid::Uuid::new_v4());
         let first = self.put_conditional(&key, "{}".into(), "application/json", &Precondition::Absent).await?;
         let second = self.put_conditional(&key, "{}".into(), "application/json", &Precondition::Absent).await?;
+        let stale = Precondition::Matches("\"00000000000000000000000000000000\"".into());
+        let third = self.put_conditional(&key, "{}".into(), "application/json", &stale).await;
         self.delete(&key).await?;
-        Ok(matches!(first, CondPut::Written(_)) && second == CondPut::Refused)
+        Ok(matches!(first, CondPut::Written(_)) && second == CondPut::Refused && third? == CondPut::Refused)
     }
 
     /// Deletes `key`. Idempotent: deleting a key that is not there (S3 answers 204, some stores

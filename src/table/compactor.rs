@@ -39,6 +39,10 @@ const TABLE: &str = "tb-transactions";
 /// Past this many Hive partitions to look at, one listing of the whole table is cheaper.
 const FULL_LISTING_ABOVE: usize = 64;
 
+/// The whole table is listed at least this often, so that an overlap in a Hive partition the
+/// partitioner no longer touches (a table file written late, I9) is repaired within this time.
+const FULL_LISTING_EVERY: Duration = Duration::from_secs(600);
+
 pub struct Compactor;
 
 pub enum CompactorMsg {
@@ -70,6 +74,7 @@ pub struct CompactorState {
     counts: BTreeMap<(HivePartition, i32), FileCounts>,
     retry_at: Option<Instant>,
     backoff: Duration,
+    last_full_listing: Instant,
 }
 
 impl Actor for Compactor {
@@ -93,6 +98,7 @@ impl Actor for Compactor {
             counts: BTreeMap::new(),
             retry_at: None,
             backoff: Duration::ZERO,
+            last_full_listing: Instant::now(),
         })
     }
 
@@ -228,7 +234,9 @@ impl CompactorState {
         }
         self.ctx.stats.compaction_passes.fetch_add(1, Ordering::Relaxed);
         let touched = self.ctx.take_touched(owned.iter().copied());
-        let full = owned.iter().any(|p| self.full_listing.contains(p)) || touched.len() > FULL_LISTING_ABOVE;
+        let full = owned.iter().any(|p| self.full_listing.contains(p))
+            || touched.len() > FULL_LISTING_ABOVE
+            || self.last_full_listing.elapsed() >= FULL_LISTING_EVERY;
         if !full && touched.is_empty() {
             return Ok(());
         }
@@ -240,6 +248,7 @@ impl CompactorState {
         }
         let listed = if full {
             self.ctx.stats.compaction_full_listings.fetch_add(1, Ordering::Relaxed);
+            self.last_full_listing = Instant::now();
             let listed = self.ctx.table.list_objects("year=", None).await?;
             self.counts.retain(|(_, p), _| !owned.contains(p));
             for p in &owned {
