@@ -355,10 +355,6 @@ async fn recovery(
     // I9: an assignment claims the partition (every earlier owner's next write is refused); a
     // recovery after a worker died only checks that the claim still holds, so that an instance
     // that lost the partition while it stalled never takes it back.
-    if claim && !ctx.owns(p) {
-        // A retry that outlived its assignment: claiming now would fence the new owner.
-        return Err(RecoveryFailure::Failed(format!("partition {p} was revoked before its claim")));
-    }
     let fence = if claim { ctx.claim(p).await.map(|_| ()).map_err(FenceError::from) } else { ctx.check_fence(p).await };
     match fence {
         Ok(()) => {}
@@ -655,6 +651,11 @@ fn retry_recoveries(consumer: &Arc<Consumer>) {
             })
             .await;
             let result = match committed {
+                // A claim retried after its assignment was revoked would fence the new owner.
+                // (The driver discards this attempt's result too; this keeps it from writing.)
+                Ok(Ok(_)) if claim && !ctx.owns(p) => {
+                    Err(format!("partition {p} was revoked before its claim could be retried").into())
+                }
                 Ok(Ok(committed)) => recovery(ctx, supervisor, p, committed, consumer, claim).await,
                 Ok(Err(e)) => Err(format!("fetching the committed offset of partition {p}: {e}").into()),
                 Err(e) => Err(format!("committed-offset task failed: {e}").into()),

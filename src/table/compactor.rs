@@ -204,7 +204,6 @@ impl CompactorState {
                 self.to_recover.remove(&p);
                 self.full_listing.remove(&p);
                 self.plans.retain(|plan| plan.partition() != p);
-                self.ctx.disown(&[p]);
                 return Ok(());
             }
             Err(err) => err,

@@ -356,8 +356,9 @@ impl PartitionerState {
                 metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "table").increment(1);
                 self.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(partition = p, error = %f, "partitioner lets go of a partition claimed by another instance");
+                // Only here: the ingest side stops the partition itself, and a claim this instance
+                // writes again on a new assignment must find the partition still owned.
                 self.parts.remove(&p);
-                self.ctx.disown(&[p]);
                 Ok(())
             }
             Err(err) => {
