@@ -385,6 +385,10 @@ impl CompactorState {
             }
         }
         self.ctx.table.delete(&intent_key).await?;
+        if plan.repair {
+            // As after a drop of covered files: list this Hive partition again next pass.
+            self.ctx.touch(p, [plan.hive.clone()]);
+        }
 
         let before = plan.input_bytes();
         if let Some(count) = self.counts.get_mut(&(plan.hive.clone(), p)) {
@@ -472,6 +476,9 @@ impl CompactorState {
                 }
             }
         }
+        // The group's files changed: the next pass lists this Hive partition again, to merge
+        // what the repair left (between full listings it lists only touched Hive partitions).
+        self.ctx.touch(p, [hive.clone()]);
         Ok(())
     }
 
