@@ -222,6 +222,16 @@ impl PipelineCtx {
         })
     }
 
+    /// The next [`PipelineCtx::check_fence`] of `p` asks the store, whatever the lease: a drain
+    /// on revoke hands the partition over, and a group that assigns it on before every member
+    /// has let go (seen with Tansu) lets the new owner claim it first.
+    pub fn expire_lease(&self, p: i32) {
+        if let Some(c) = self.claims.lock().unwrap().get_mut(&p) {
+            let lease = self.config.kafka.session_timeout / 3;
+            c.checked = Instant::now().checked_sub(lease).unwrap_or(c.checked);
+        }
+    }
+
     /// Whether this instance holds a claim on `p` (it may have been superseded since).
     pub fn has_claim(&self, p: i32) -> bool {
         self.claims.lock().unwrap().contains_key(&p)
