@@ -222,13 +222,16 @@ impl PipelineCtx {
         })
     }
 
-    /// The next [`PipelineCtx::check_fence`] of `p` asks the store, whatever the lease: a drain
-    /// on revoke hands the partition over, and a group that assigns it on before every member
-    /// has let go (seen with Tansu) lets the new owner claim it first.
-    pub fn expire_lease(&self, p: i32) {
-        if let Some(c) = self.claims.lock().unwrap().get_mut(&p) {
-            let lease = self.config.kafka.session_timeout / 3;
-            c.checked = Instant::now().checked_sub(lease).unwrap_or(c.checked);
+    /// The next [`PipelineCtx::check_fence`] of each of `parts` asks the store, whatever the
+    /// lease: a revoke hands them over, and a group that assigns them on before every member has
+    /// let go (seen with Tansu) lets the new owner claim them first.
+    pub fn expire_leases(&self, parts: &[i32]) {
+        let lease = self.config.kafka.session_timeout / 3;
+        let mut claims = self.claims.lock().unwrap();
+        for p in parts {
+            if let Some(c) = claims.get_mut(p) {
+                c.checked = Instant::now().checked_sub(lease).unwrap_or(c.checked);
+            }
         }
     }
 

@@ -325,6 +325,29 @@ fn assert_table_files_well_formed(h: &Harness) {
     assert!(merged > 0, "some files are merged ones");
 }
 
+/// A daemon that has ingested `rounds` rounds of 1,000 records, each committed before the next
+/// (so every partition has at least `rounds` raw files), partitioned and compacted.
+async fn settled_in_rounds(h: &mut Harness, config: &trstream::Config, rounds: usize) -> trstream::Pipeline {
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    for _ in 0..rounds {
+        h.produce(1_000);
+        wait_for("the round committed", DONE, || h.all_committed(GROUP)).await;
+    }
+    settle(h).await;
+    pipeline
+}
+
+/// The watermark a partitioner would write after `file`, moved to `last` (a zombie's).
+fn watermark_at(file: &RawFileName, last: i64, config: &trstream::Config) -> trstream::lake::table::Watermark {
+    trstream::lake::table::Watermark {
+        topic: file.topic.clone(),
+        partition: file.partition,
+        last_offset: last,
+        raw_file: file.key(&config.s3.raw_prefix),
+        updated_at: "crafted by the test".into(),
+    }
+}
+
 /// Rows of `batch` whose offset satisfies `keep`, encoded as the lake file `name`.
 fn lake_file(batch: &arrow_array::RecordBatch, name: &RawFileName, keep: impl Fn(i64) -> bool) -> (Vec<u8>, usize) {
     use trstream::lake::{parquet, table};
@@ -360,15 +383,10 @@ fn assert_no_overlapping_table_files(h: &Harness) {
 /// output, and the audit finds every transaction exactly once in the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn straddling_and_overlapping_files_put_each_offset_in_the_table_once() {
-    use trstream::lake::table::{self, CompactionIntent, Watermark};
+    use trstream::lake::table::{self, CompactionIntent};
     let mut h = Harness::new(2).await;
     let config = h.lake_config();
-    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
-    for _ in 0..6 {
-        h.produce(1_000);
-        tokio::time::sleep(Duration::from_millis(600)).await; // several raw files per partition
-    }
-    settle(&h).await;
+    let pipeline = settled_in_rounds(&mut h, &config, 4).await;
     pipeline.shutdown().await;
     let tb = h.dir.path().join("tb-transactions");
 
@@ -386,13 +404,7 @@ async fn straddling_and_overlapping_files_put_each_offset_in_the_table_once() {
     std::fs::write(pj.with_file_name(z.file_name()), bytes).unwrap();
     std::fs::remove_file(&pj).unwrap();
     let raw_doubled = offs.iter().filter(|&&o| o >= m).count() as u64;
-    let wm = Watermark {
-        topic: fi.topic.clone(),
-        partition: 1,
-        last_offset: m - 1,
-        raw_file: fi.key(&config.s3.raw_prefix),
-        updated_at: String::new(),
-    };
+    let wm = watermark_at(&fi, m - 1, &config);
     std::fs::write(tb.join(table::watermark_key(&fi.topic, 1)), serde_json::to_vec(&wm).unwrap()).unwrap();
 
     // Partition 0, table side. After settling, each group is one file. In the largest group,
@@ -519,24 +531,13 @@ async fn a_partition_claimed_by_another_instance_is_written_no_more() {
 /// ends exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watermark_written_by_another_writer_is_never_overwritten_unseen() {
-    use trstream::lake::table::{self, Watermark};
+    use trstream::lake::table;
     let mut h = Harness::new(2).await;
     let config = h.lake_config();
-    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
-    for _ in 0..4 {
-        h.produce(1_000);
-        tokio::time::sleep(Duration::from_millis(600)).await; // several raw files per partition
-    }
-    settle(&h).await;
+    let pipeline = settled_in_rounds(&mut h, &config, 4).await;
     let raw: Vec<_> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 1).collect();
     assert!(raw.len() >= 2, "several raw files of partition 1: {}", raw.len());
-    let back = Watermark {
-        topic: raw[0].0.topic.clone(),
-        partition: 1,
-        last_offset: raw[0].0.last_offset,
-        raw_file: raw[0].0.key(&config.s3.raw_prefix),
-        updated_at: "by a zombie".into(),
-    };
+    let back = watermark_at(&raw[0].0, raw[0].0.last_offset, &config);
     let store = trstream::lake::LakeStore::new(&config.s3, &config.s3.table_bucket);
     let key = table::watermark_key(&back.topic, 1);
     store.put(&key, serde_json::to_vec(&back).unwrap().into(), "application/json").await.unwrap();

@@ -282,6 +282,9 @@ impl DriverContext {
     fn on_revoke(&self, parts: &[i32], lost: bool) {
         tracing::info!(?parts, lost, "partitions revoked");
         self.clear_lag(parts);
+        // The drains and the table actors' last units write what they write only if the claim
+        // still holds in the store now (I9).
+        self.ctx.expire_leases(parts);
         let workers = take_workers(self, Some(parts), !lost);
         if Self::in_runtime() {
             // Cannot wait here (the consumer is being dropped on the runtime): let go at once.

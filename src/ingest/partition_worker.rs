@@ -262,7 +262,6 @@ impl PartitionWorkerState {
         if !self.started {
             return Ok(());
         }
-        self.ctx.expire_lease(self.partition);
         if let Some((next, covers)) = self.pending_commit {
             self.commit(next, covers).await?;
         }
