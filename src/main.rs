@@ -244,11 +244,15 @@ async fn audit(args: AuditArgs) -> anyhow::Result<()> {
         print!("{}", report.to_table());
     }
     if !report.clean {
+        let t = &report.total;
         anyhow::bail!(
-            "audit found {} missing, {} duplicated and {} unexpected transactions",
-            report.total.missing + report.total.raw_missing.unwrap_or(0),
-            report.total.duplicated + report.total.raw_duplicated.unwrap_or(0),
-            report.total.unexpected
+            "audit found {} missing, {} duplicated, {} unexpected, {} altered and {} misplaced transactions, and {} DLQ records for valid ones",
+            t.missing + t.raw_missing.unwrap_or(0),
+            t.duplicated + t.raw_duplicated.unwrap_or(0),
+            t.unexpected,
+            t.altered,
+            t.misplaced,
+            t.dlq_unexpected
         );
     }
     Ok(())

@@ -273,16 +273,22 @@ impl Scenario {
             ),
             None => "no recovery measured".into(),
         };
+        let (sent_valid, sent_invalid) = (sent.valid.load(Ordering::Relaxed), sent.invalid.load(Ordering::Relaxed));
         eprintln!(
-            "[{}] produced {produced} ({} invalid; {} in the log), faults injected {}, restarts observed: {restarts} daemon, {actor_restarts} actor (last daemon), {recovery}{extra}, missing {}, duplicated {}, raw missing {}, raw duplicated {}, unexpected {}, in {:.0?} (seed {})",
+            "[{}] produced {produced} ({sent_invalid} invalid; {} in the log, {} valid by the audit), faults injected {}, restarts observed: {restarts} daemon, {actor_restarts} actor (last daemon), {recovery}{extra}; table: missing {}, duplicated {}, altered {}, misplaced {}; raw-data: missing {}, duplicated {}; DLQ: missing {}, duplicated {}, valid records {}; unexpected {}; in {:.0?} (seed {})",
             self.name,
-            sent.invalid.load(Ordering::Relaxed),
             a.records,
+            a.valid,
             self.faults,
             a.missing,
             a.duplicated,
+            a.altered,
+            a.misplaced,
             a.raw_missing,
             a.raw_duplicated,
+            a.invalid - a.in_dlq.min(a.invalid),
+            a.dlq_duplicated,
+            a.dlq_unexpected,
             a.unexpected,
             self.started.elapsed(),
             self.seed,
@@ -290,9 +296,18 @@ impl Scenario {
         // A producer retrying through a broker kill may have written a batch twice: each copy
         // is its own offset, which trstream must ingest exactly once like any other.
         assert!(a.records >= produced, "the audit read every record produced: {} < {produced}", a.records);
-        assert!(a.invalid >= sent.invalid.load(Ordering::Relaxed));
+        // The validator is the daemon's, shared by the audit: what the producer generated as
+        // valid is the check on it (a validator rejecting valid records would pass otherwise).
+        assert!(
+            a.valid >= sent_valid && a.invalid >= sent_invalid,
+            "valid {sent_valid} and invalid {sent_invalid} generated: {a:?}"
+        );
+        if a.records == produced {
+            assert_eq!((a.valid, a.invalid), (sent_valid, sent_invalid), "the audit classifies as generated");
+        }
         assert_eq!(a.in_dlq, a.invalid, "the DLQ holds exactly the invalid records");
         assert_eq!((a.missing, a.duplicated, a.unexpected), (0, 0, 0), "{a:?}");
+        assert_eq!((a.altered, a.misplaced, a.dlq_unexpected), (0, 0, 0), "{a:?}");
         assert_eq!(a.raw_missing, 0, "{a:?}");
         if raw_exact {
             assert_eq!(a.raw_duplicated, 0, "{a:?}");

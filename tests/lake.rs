@@ -271,13 +271,60 @@ async fn the_audit_command_reports_clean_then_finds_a_lost_and_a_doubled_file() 
     let (_, _, table) = audit_cli(&h, false);
     assert!(table.contains(&format!("{rows} duplicated")), "the error names the count: {table}");
 
-    // Remove the original and the twin: those rows are now missing.
+    // The twin moved to a folder a year later, the original gone: the rows are there once, but
+    // in a folder their own event_time does not name.
     std::fs::remove_file(&twin_path).unwrap();
+    let original = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let other = trstream::lake::HivePartition { year: hive.year + 1, ..hive.clone() };
+    let moved = h.dir.path().join("tb-transactions").join(other.file_key(&name));
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::write(&moved, &original).unwrap();
+    let (ok, report, out) = audit_cli(&h, true);
+    assert!(!ok, "rows in another day's folder fail the audit: {out}");
+    assert_eq!(report["total"]["misplaced"], rows, "{out}");
+    assert_eq!((report["total"]["missing"].clone(), report["total"]["altered"].clone()), (0.into(), 0.into()), "{out}");
+    std::fs::remove_file(&moved).unwrap();
+
+    // Back in place, one cent more on every amount: the rows are there once, in their folder,
+    // but not as the producer sent them.
+    std::fs::write(&path, add_a_cent(&original)).unwrap();
+    let (ok, report, out) = audit_cli(&h, true);
+    assert!(!ok, "altered amounts fail the audit: {out}");
+    assert_eq!(report["total"]["altered"], rows, "{out}");
+    assert_eq!((report["total"]["missing"].clone(), report["total"]["misplaced"].clone()), (0.into(), 0.into()));
+
+    // Remove it: those rows are now missing.
     std::fs::remove_file(&path).unwrap();
     let (ok, report, out) = audit_cli(&h, true);
     assert!(!ok, "a lost file fails the audit: {out}");
     assert_eq!(report["total"]["missing"], rows, "{out}");
     assert_eq!(report["total"]["duplicated"], 0);
+}
+
+/// A Parquet file with one cent added to every amount, the rest as it was.
+fn add_a_cent(file: &[u8]) -> Vec<u8> {
+    use arrow_array::Array;
+    use arrow_array::RecordBatchReader;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Decimal128Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(file.to_vec())).unwrap().build().unwrap();
+    let schema = reader.schema();
+    let mut out = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, schema.clone(), None).unwrap();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let i = schema.index_of("amount").unwrap();
+        let amounts = batch.column(i).as_primitive::<Decimal128Type>();
+        let plus: arrow_array::Decimal128Array = amounts.unary(|v| v + 1);
+        let plus = plus.with_data_type(amounts.data_type().clone());
+        let mut columns = batch.columns().to_vec();
+        columns[i] = Arc::new(plus);
+        writer.write(&arrow_array::RecordBatch::try_new(schema.clone(), columns).unwrap()).unwrap();
+    }
+    writer.close().unwrap();
+    out
 }
 
 fn parquet_rows(path: &std::path::Path) -> u64 {

@@ -417,6 +417,10 @@ pub struct Audit {
     pub unexpected: u64,
     pub raw_missing: u64,
     pub raw_duplicated: u64,
+    pub altered: u64,
+    pub misplaced: u64,
+    pub dlq_duplicated: u64,
+    pub dlq_unexpected: u64,
 }
 
 /// Runs `trstream audit --json --raw` as a user would, with `config`'s settings.
@@ -443,5 +447,9 @@ pub fn audit(dir: &Path, config: &Config) -> Audit {
         unexpected: n("unexpected"),
         raw_missing: n("raw_missing"),
         raw_duplicated: n("raw_duplicated"),
+        altered: n("altered"),
+        misplaced: n("misplaced"),
+        dlq_duplicated: n("dlq_duplicated"),
+        dlq_unexpected: n("dlq_unexpected"),
     }
 }
