@@ -76,6 +76,13 @@ pub struct KafkaConfig {
     pub lag_interval: Duration,
     /// Extra librdkafka properties passed verbatim to the consumer and the DLQ producer.
     pub properties: BTreeMap<String, String>,
+    /// Which incarnation of the topic this daemon ingests, empty for the first. After the topic
+    /// was deleted and re-created (or the daemon pointed at another cluster) with the same
+    /// buckets, its offsets start again at 0 and would meet the old lake's files: trstream then
+    /// stops those partitions with an error. Setting a new label here (`2`, `2026-11`) ingests
+    /// the new log under lake names of its own, `<topic>~<label>+<partition>+…`, beside the old
+    /// incarnation's files, which stay as they are.
+    pub incarnation: String,
 }
 
 impl Default for KafkaConfig {
@@ -92,6 +99,7 @@ impl Default for KafkaConfig {
             request_timeout: Duration::from_secs(10),
             lag_interval: Duration::from_secs(5),
             properties: BTreeMap::new(),
+            incarnation: String::new(),
         }
     }
 }
@@ -456,6 +464,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The topic's name in the lake's keys (raw files, table files, watermarks, owner records):
+    /// `kafka.topic`, followed by `~` and `kafka.incarnation` when that is set. `~` is not
+    /// allowed in a Kafka topic name, so no topic's lake name is another's.
+    pub fn lake_topic(&self) -> String {
+        if self.kafka.incarnation.is_empty() {
+            self.kafka.topic.clone()
+        } else {
+            format!("{}~{}", self.kafka.topic, self.kafka.incarnation)
+        }
+    }
+
     /// Cross-field and range checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |k: &str, m: String| Err(ConfigError::new(k, m));
@@ -469,6 +488,13 @@ impl Config {
         }
         if self.kafka.topic == self.kafka.dlq_topic {
             return err("kafka.dlq_topic", format!("must differ from kafka.topic ({:?})", self.kafka.topic));
+        }
+        let label = &self.kafka.incarnation;
+        if label.len() > 32 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            return err(
+                "kafka.incarnation",
+                format!("{label:?} is not a label of up to 32 letters, digits, '.', '_' or '-'"),
+            );
         }
         for key in self.kafka.properties.keys() {
             if let Some((_, instead)) = OWNED_KAFKA_PROPERTIES.iter().find(|(k, _)| k == key) {
@@ -757,6 +783,7 @@ mod tests {
             ("[flush]\nmax_age = \"0s\"", "flush.max_age"),
             ("[kafka]\ndlq_topic = \"transactions\"", "kafka.dlq_topic"),
             ("[kafka]\ntopic = \"bad topic\"", "kafka.topic"),
+            ("[kafka]\nincarnation = \"2/3\"", "kafka.incarnation"),
             ("[kafka]\nauto_offset_reset = \"smallest\"", "kafka.auto_offset_reset"),
             ("[s3]\nendpoint = \"localhost:9000\"", "s3.endpoint"),
             ("[validation]\ncurrencies = [\"usd\"]", "validation.currencies"),

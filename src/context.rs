@@ -175,7 +175,7 @@ impl PipelineCtx {
     /// one is refused and tries again on top of the other. Every earlier owner's next write of
     /// `p` is then refused ([`PipelineCtx::check_fence`]).
     pub async fn claim(&self, p: i32) -> Result<u64, StoreError> {
-        let topic = &self.config.kafka.topic;
+        let topic = &self.config.lake_topic();
         let key = owners::owner_key(topic, p);
         let conditional = self.conditional_writes.load(Ordering::Relaxed);
         for _ in 0..5 {
@@ -252,7 +252,7 @@ impl PipelineCtx {
             Some(c) if c.checked.elapsed() < lease => return Ok(()),
             Some(c) => (c.epoch, c.token.clone()),
         };
-        let key = owners::owner_key(&self.config.kafka.topic, p);
+        let key = owners::owner_key(&self.config.lake_topic(), p);
         let sent = Instant::now();
         let current = self.store.get_opt(&key).await?.map(|body| serde_json::from_slice::<OwnerRecord>(&body).ok());
         let mut claims = self.claims.lock().unwrap();
@@ -271,7 +271,7 @@ impl PipelineCtx {
                 drop(claims);
                 tracing::warn!(partition = p, key = %key, "the partition's owner record is gone; writing it again");
                 let record = OwnerRecord {
-                    topic: self.config.kafka.topic.clone(),
+                    topic: self.config.lake_topic(),
                     partition: p,
                     epoch: mine,
                     instance: self.instance_id(),

@@ -281,7 +281,12 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
             }
         }
     }
-    let dlq = DlqProducer::new(&kafka_base_config(&config), &config.kafka.dlq_topic, &config.kafka.topic)?;
+    let dlq = DlqProducer::new(
+        &kafka_base_config(&config),
+        &config.kafka.dlq_topic,
+        &config.kafka.topic,
+        &config.kafka.incarnation,
+    )?;
     let instance = format!("trstream-{}-{}", std::process::id(), INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed));
     // I9: which kind of store this is decides how exact the fence of watermarks and intents is.
     let conditional = match store.honours_conditional_writes().await {

@@ -54,6 +54,8 @@ pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_to
 pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
 pub const ZOMBIE_WRITES_REFUSED: &str = "trstream_zombie_writes_refused_total";
 pub const PARTITIONS_FENCED: &str = "trstream_partitions_fenced_total";
+pub const PARTITIONS_STOPPED: &str = "trstream_partitions_stopped";
+pub const PARTITIONS_STOPPED_TOTAL: &str = "trstream_partitions_stopped_total";
 pub const STORE_CONDITIONAL_WRITES: &str = "trstream_store_conditional_writes";
 pub const TABLE_OVERLAPS_REPAIRED: &str = "trstream_table_overlaps_repaired_total";
 pub const TABLE_OVERLAPS_UNRESOLVED: &str = "trstream_table_overlaps_unresolved_total";
@@ -143,6 +145,12 @@ fn describe() {
         Unit::Count,
         "Writes refused because another instance claimed the partition since this one did, by kind (raw, table, watermark, intent)."
     );
+    describe_gauge!(
+        PARTITIONS_STOPPED,
+        Unit::Count,
+        "Partitions stopped because their log is not the one the lake was made from (a re-created topic, another cluster); /readyz names them."
+    );
+    describe_counter!(PARTITIONS_STOPPED_TOTAL, Unit::Count, "Times a partition was stopped for that reason.");
     describe_counter!(
         PARTITIONS_FENCED,
         Unit::Count,
@@ -202,6 +210,7 @@ fn register() {
         TABLE_OVERLAPS_REPAIRED,
         TABLE_OVERLAPS_UNRESOLVED,
         PARTITIONS_FENCED,
+        PARTITIONS_STOPPED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -284,6 +293,7 @@ impl LatencyHistogram {
 /// then the latency histograms.
 fn render(handle: &PrometheusHandle, health: &Health) -> String {
     metrics::gauge!(READY).set(if health.ready() { 1.0 } else { 0.0 });
+    metrics::gauge!(PARTITIONS_STOPPED).set(health.stopped.lock().unwrap().len() as f64);
     if let Some(rss) = resident_memory_bytes() {
         metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
     }
@@ -411,12 +421,29 @@ pub struct Health {
     pub s3_ok: AtomicBool,
     /// Why the supervision tree gave up, when it did.
     pub exit_reason: Mutex<Option<String>>,
+    /// Partitions stopped because their log is not the lake's, and why.
+    pub stopped: Mutex<std::collections::BTreeMap<i32, String>>,
 }
 
 impl Health {
-    /// What `/readyz` answers 200 to: consuming, and the last S3 operation succeeded.
+    /// What `/readyz` answers 200 to: consuming, the last S3 operation succeeded, and no
+    /// partition stopped.
     pub fn ready(&self) -> bool {
-        self.consuming.load(Ordering::Relaxed) && self.s3_ok.load(Ordering::Relaxed)
+        self.consuming.load(Ordering::Relaxed)
+            && self.s3_ok.load(Ordering::Relaxed)
+            && self.stopped.lock().unwrap().is_empty()
+    }
+
+    pub fn set_stopped(&self, p: i32, why: String) {
+        self.stopped.lock().unwrap().insert(p, why);
+    }
+
+    /// Partitions given up: the next owner checks them again.
+    pub fn clear_stopped(&self, parts: &[i32]) {
+        let mut stopped = self.stopped.lock().unwrap();
+        for p in parts {
+            stopped.remove(p);
+        }
     }
 }
 
@@ -471,10 +498,15 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
         "/readyz" => {
             let consuming = health.consuming.load(Ordering::Relaxed);
             let s3 = health.s3_ok.load(Ordering::Relaxed);
-            if consuming && s3 {
+            let stopped = health.stopped.lock().unwrap().clone();
+            if consuming && s3 && stopped.is_empty() {
                 text(StatusCode::OK, "ready\n".into())
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: consuming={consuming} s3_reachable={s3}\n"))
+                let mut body = format!("not ready: consuming={consuming} s3_reachable={s3}\n");
+                for (p, why) in stopped {
+                    body.push_str(&format!("partition {p} stopped: {why}\n"));
+                }
+                text(StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }
         _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),

@@ -259,3 +259,61 @@ async fn a_recovery_that_finishes_after_a_revoke_commits_nothing() {
     assert_eq!(h.committed(GROUP), h.end_offsets(), "every partition still committed to its end");
     h.assert_exactly_once(GROUP, false);
 }
+
+/// Issue 11, part 3: the daemon pointed at another cluster (or a re-created topic) with the old
+/// buckets. The new log's offsets start again at 0: without the incarnation check the recovery
+/// scan adopts the old lake's highest file and every new record below it is skipped as "already
+/// in the lake" and committed past. The new log here is *longer* than the old lake, so the log
+/// end alone cannot tell: the topic id recorded in the raw files does. Then `kafka.incarnation`
+/// ingests the new log beside the old one, and the audit of it is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lake_from_another_incarnation_of_the_topic_stops_its_partitions_until_told_to_reingest() {
+    use trstream::produce::Expect;
+    let mut h = Harness::new(2).await;
+    let pipeline = trstream::start(h.lake_config(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(2_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    let old_files = h.raw_files();
+    let old_rows = h.lake_rows();
+
+    // Another cluster, the same buckets; more records on it than the old lake holds.
+    h.kafka = trstream::embedded::EmbeddedKafka::start(1, &[(common::TOPIC, 2), (common::DLQ, 1)]).unwrap();
+    let before = h.produced.len();
+    h.produce(3_000);
+    let pipeline = trstream::start(h.lake_config(), Arc::new(Faults::default())).await.unwrap();
+    let addr = pipeline.http_addr.expect("http server");
+    wait_for("both partitions stopped", DONE, || pipeline.health.stopped.lock().unwrap().len() == 2).await;
+    let readyz = http_get(addr, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+    for p in 0..2 {
+        let line = format!("partition {p} stopped: partition transactions/{p}: raw file transactions+{p}+");
+        assert!(readyz.contains(&line), "/readyz names the partition and the file: {readyz}");
+    }
+    assert!(readyz.contains("topic id") && readyz.contains("kafka.incarnation"), "says why and what to do: {readyz}");
+    assert_eq!(common::metric(addr, "trstream_partitions_stopped"), Some(2.0));
+    // Stopped means stopped: a while later, nothing was written or committed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.raw_files(), old_files, "nothing written to raw-data");
+    assert!(h.committed(GROUP).values().all(|&c| c < 0), "nothing committed: {:?}", h.committed(GROUP));
+    pipeline.shutdown().await;
+
+    // Told to re-ingest: the new log goes in under names of its own, the old lake untouched.
+    let mut config = h.lake_config();
+    config.kafka.incarnation = "2".into();
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    wait_for("the partitioner to catch up", DONE, || h.partitioner_caught_up_on("transactions~2")).await;
+    pipeline.shutdown().await;
+    let files = h.raw_files();
+    assert!(old_files.iter().all(|f| files.contains(f)), "the old incarnation's files stay");
+    let new_files: Vec<_> = files.iter().filter(|(n, _)| n.topic == "transactions~2").collect();
+    assert_eq!(new_files.len() + old_files.len(), files.len(), "every new file is named for incarnation 2");
+    let rows = h.lake_rows();
+    assert!(old_rows.iter().all(|r| rows.contains(r)), "the old incarnation's rows stay");
+    let report = h.audit(&config).await;
+    let new_valid = h.produced[before..].iter().filter(|g| matches!(g.expect, Expect::Valid(_))).count() as u64;
+    assert!(report.clean, "{}", report.to_table());
+    assert_eq!(report.total.valid, new_valid);
+    assert_eq!(report.total.raw_missing, Some(0));
+}

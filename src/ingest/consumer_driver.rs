@@ -27,8 +27,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::Kind;
-use crate::ingest::Consumer;
 use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
+use crate::ingest::{Consumer, incarnation};
 use crate::lake::{FenceError, RawFileName};
 use crate::metrics as m;
 
@@ -41,6 +41,8 @@ pub enum DriverCmd {
     WorkerDied { partition: i32, worker: ActorId },
     /// A worker found its partition claimed by another instance (I9): stop it for good here.
     Fenced { partition: i32, worker: ActorId },
+    /// A worker saw its partition's offsets go back (the topic was re-created): stop it.
+    Stopped { partition: i32, worker: ActorId, reason: String },
     /// Graceful shutdown: drain every worker within the deadline, then leave the group.
     Shutdown { deadline: Instant },
     /// Stop now without committing anything more (the supervisor itself is going away).
@@ -64,6 +66,10 @@ enum Slot {
     /// until the group revokes it (the rebalance that gave it to the other instance reaches
     /// this one) or assigns it here again.
     Fenced,
+    /// The partition's log is not the one the lake and the group's offsets were made from (a
+    /// re-created topic, another cluster): paused, nothing routed, written or committed, until
+    /// it is revoked; an assignment checks again.
+    Stopped,
 }
 
 /// The result of a recovery run off the driver thread.
@@ -79,12 +85,14 @@ enum RecoveryFailure {
     Failed(String),
     /// The partition is another instance's now (I9): do not try again.
     Fenced(String),
+    /// The log is another incarnation's than the lake's (`incarnation::check`): do not try again.
+    Stopped(String),
 }
 
 impl std::fmt::Display for RecoveryFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RecoveryFailure::Failed(e) | RecoveryFailure::Fenced(e) => f.write_str(e),
+            RecoveryFailure::Failed(e) | RecoveryFailure::Fenced(e) | RecoveryFailure::Stopped(e) => f.write_str(e),
         }
     }
 }
@@ -220,6 +228,7 @@ impl DriverContext {
             (_, None) => parts.iter().map(|&p| (p, Err("consumer is gone".to_string().into()))).collect(),
         };
         let mut not_ready: Vec<i32> = parts.clone();
+        let mut stopped = Vec::new();
         for (p, result) in results {
             match result {
                 Ok(Recovered { start, worker, budget }) => {
@@ -231,12 +240,22 @@ impl DriverContext {
                         let _ = tpl.set_partition_offset(self.topic(), p, Offset::Offset(offset));
                     }
                 }
+                Err(RecoveryFailure::Stopped(e)) => {
+                    self.state.lock().unwrap().slots.insert(p, Slot::Stopped);
+                    stopped.push((p, e));
+                }
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "recovery scan failed at assignment; partition paused until it succeeds");
                 }
             }
         }
+        for (p, e) in stopped {
+            stop_partition(self, p, e);
+        }
         for &p in &not_ready {
+            if matches!(self.state.lock().unwrap().slots.get(&p), Some(Slot::Stopped)) {
+                continue;
+            }
             let slot = Slot::Recovering {
                 next_try: Instant::now(),
                 backoff: Duration::from_millis(200),
@@ -282,6 +301,7 @@ impl DriverContext {
     fn on_revoke(&self, parts: &[i32], lost: bool) {
         tracing::info!(?parts, lost, "partitions revoked");
         self.clear_lag(parts);
+        self.ctx.health.clear_stopped(parts);
         // The drains and the table actors' last units write what they write only if the claim
         // still holds in the store now (I9).
         self.ctx.expire_leases(parts);
@@ -369,12 +389,39 @@ async fn recovery(
             return Err(RecoveryFailure::Failed(format!("claim of partition {p}: {e}")));
         }
     }
-    let latest: Option<RawFileName> =
-        ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.kafka.topic, p, committed).await.map_err(|e| {
+    let latest: Option<(RawFileName, u64)> =
+        ctx.store.latest_raw_file_sized(&cfg.s3.raw_prefix, &cfg.lake_topic(), p, committed).await.map_err(|e| {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
             format!("recovery scan of partition {p}: {e}")
         })?;
+    // The lake's offsets and the group's must be of this log (issue 11, part 3).
+    let (c, topic, timeout) = (consumer.clone(), cfg.kafka.topic.clone(), cfg.kafka.request_timeout);
+    let now = tokio::task::spawn_blocking(move || incarnation::log_now(&c, &topic, p, timeout))
+        .await
+        .map_err(|e| format!("log-end task failed: {e}"))??;
+    let recorded_id = match &latest {
+        Some((f, size)) => {
+            let key = f.key(&cfg.s3.raw_prefix);
+            match ctx.store.parquet_footer_value(&key, *size, incarnation::META_TOPIC_ID).await {
+                Ok(id) => id.and_then(|s| uuid::Uuid::parse_str(&s).ok()),
+                Err(e) if e.is_retryable() => {
+                    ctx.health.s3_ok.store(false, Ordering::Relaxed);
+                    return Err(format!("reading the topic id of {key}: {e}").into());
+                }
+                // An unreadable footer is not a reason to stall the partition: the log-end
+                // check still applies (issue 12 quarantines such files).
+                Err(e) => {
+                    tracing::warn!(partition = p, file = %key, error = %e, "cannot read the topic id a raw file records");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     ctx.health.s3_ok.store(true, Ordering::Relaxed);
+    let latest = latest.map(|(f, _)| f);
+    incarnation::check(&cfg.kafka.topic, p, now, committed, latest.as_ref().map(|f| (f, recorded_id)))
+        .map_err(|e| RecoveryFailure::Stopped(e.0))?;
     ctx.faults.recovery_gate(p).await;
     // Files whose first offset is at or past the commit were uploaded but not committed: adopt.
     let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
@@ -384,6 +431,7 @@ async fn recovery(
     let args = PartitionWorkerArgs {
         partition: p,
         start_offset: start,
+        topic_id: now.topic_id,
         adopted,
         ctx: ctx.clone(),
         consumer,
@@ -409,6 +457,9 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
             match cmds.try_recv() {
                 Ok(DriverCmd::WorkerDied { partition, worker }) => on_worker_died(&consumer, partition, worker),
                 Ok(DriverCmd::Fenced { partition, worker }) => on_worker_fenced(&consumer, partition, worker),
+                Ok(DriverCmd::Stopped { partition, worker, reason }) => {
+                    on_worker_stopped(&consumer, partition, worker, reason)
+                }
                 Ok(DriverCmd::Shutdown { deadline }) => return shutdown(&consumer, deadline),
                 Ok(DriverCmd::Abort) => return abort(&consumer),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
@@ -615,6 +666,33 @@ fn on_worker_fenced(consumer: &Consumer, p: i32, id: ActorId) {
     fence_partition(dc, p, "its worker was refused a write");
 }
 
+/// A worker's partition went back in its offsets: stopped like a failed incarnation check.
+fn on_worker_stopped(consumer: &Consumer, p: i32, id: ActorId, reason: String) {
+    let dc = consumer.context();
+    let mut st = dc.state.lock().unwrap();
+    if !matches!(st.slots.get(&p), Some(Slot::Ready { worker, .. }) if worker.get_id() == id) {
+        return;
+    }
+    if let Some(Slot::Ready { budget, .. }) = st.slots.remove(&p) {
+        budget.release_all();
+    }
+    st.pending.remove(&p);
+    st.slots.insert(p, Slot::Stopped);
+    drop(st);
+    if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
+        tracing::warn!(partition = p, error = %e, "pause of a stopped partition failed");
+    }
+    stop_partition(dc, p, reason);
+}
+
+/// Reports a partition stopped because its log is not the lake's (`incarnation::check`): an
+/// error in the log, `/readyz` and a metric. Its slot is `Stopped` already.
+fn stop_partition(dc: &DriverContext, p: i32, reason: String) {
+    metrics::counter!(m::PARTITIONS_STOPPED_TOTAL).increment(1);
+    tracing::error!(partition = p, "{reason}");
+    dc.ctx.health.set_stopped(p, reason);
+}
+
 fn fence_partition(dc: &DriverContext, p: i32, why: &str) {
     dc.ctx.disown(&[p]);
     dc.ctx.stats.fenced_partitions.fetch_add(1, Ordering::Relaxed);
@@ -677,12 +755,15 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
     if !current {
         // Revoked or replaced meanwhile: the worker was never started, so it committed nothing.
         dc.ctx.stats.stale_recoveries.fetch_add(1, Ordering::Relaxed);
-        if let Ok(r) = result {
-            r.worker.kill();
-            tracing::info!(
-                partition = p,
-                "a recovery finished after its partition was revoked; its worker is stopped unstarted"
-            );
+        match result {
+            Ok(r) => {
+                r.worker.kill();
+                tracing::info!(
+                    partition = p,
+                    "a recovery finished after its partition was revoked; its worker is stopped unstarted"
+                );
+            }
+            Err(e) => tracing::info!(partition = p, error = %e, "a recovery failed after its partition was revoked"),
         }
         return;
     }
@@ -718,6 +799,11 @@ fn on_recovery_done(consumer: &Consumer, done: RecoveryDone) {
             st.slots.insert(p, Slot::Fenced);
             drop(st);
             fence_partition(dc, p, &e);
+        }
+        Err(RecoveryFailure::Stopped(e)) => {
+            st.slots.insert(p, Slot::Stopped);
+            drop(st);
+            stop_partition(dc, p, e);
         }
         Err(RecoveryFailure::Failed(e)) => {
             tracing::warn!(partition = p, error = %e, retry_in = ?backoff, "partition recovery failed");

@@ -19,6 +19,8 @@ pub const HEADER_DETAIL: &str = "detail";
 pub const HEADER_SOURCE_TOPIC: &str = "source_topic";
 pub const HEADER_SOURCE_PARTITION: &str = "source_partition";
 pub const HEADER_SOURCE_OFFSET: &str = "source_offset";
+/// `kafka.incarnation`, when set: which incarnation of the source topic the offset is of.
+pub const HEADER_SOURCE_INCARNATION: &str = "source_incarnation";
 /// Set when the DLQ topic refused the record's size: the payload is its first
 /// [`TRUNCATED_PAYLOAD_BYTES`] bytes and this header holds the original length. The whole record
 /// is still in the source topic at `source_partition`/`source_offset`.
@@ -50,10 +52,17 @@ pub struct DlqProducer {
     producer: FutureProducer,
     topic: String,
     source_topic: String,
+    /// `kafka.incarnation` (empty: no header).
+    source_incarnation: String,
 }
 
 impl DlqProducer {
-    pub fn new(base: &ClientConfig, topic: &str, source_topic: &str) -> Result<DlqProducer, DlqError> {
+    pub fn new(
+        base: &ClientConfig,
+        topic: &str,
+        source_topic: &str,
+        source_incarnation: &str,
+    ) -> Result<DlqProducer, DlqError> {
         let mut config = base.clone();
         if config.get("compression.type").is_none() {
             // Dead letters include oversized records: compressing them keeps the DLQ small.
@@ -68,7 +77,12 @@ impl DlqProducer {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000")
             .create()?;
-        Ok(DlqProducer { producer, topic: topic.to_string(), source_topic: source_topic.to_string() })
+        Ok(DlqProducer {
+            producer,
+            topic: topic.to_string(),
+            source_topic: source_topic.to_string(),
+            source_incarnation: source_incarnation.to_string(),
+        })
     }
 
     /// Enqueues one record; the future resolves when the broker acknowledges (or gives up).
@@ -85,6 +99,10 @@ impl DlqProducer {
         let headers = match &original {
             Some(n) => headers.insert(Header { key: HEADER_PAYLOAD_TRUNCATED_FROM, value: Some(n.as_str()) }),
             None => headers,
+        };
+        let headers = match self.source_incarnation.as_str() {
+            "" => headers,
+            label => headers.insert(Header { key: HEADER_SOURCE_INCARNATION, value: Some(label) }),
         };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = &dl.key {

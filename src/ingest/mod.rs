@@ -8,6 +8,7 @@
 
 pub mod consumer_driver;
 pub mod dlq;
+pub mod incarnation;
 pub mod partition_worker;
 
 use std::collections::HashMap;
@@ -160,6 +161,12 @@ impl Actor for IngestSupervisor {
                 metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "raw").increment(1);
                 state.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
                 let _ = state.cmds.send(DriverCmd::Fenced { partition, worker: cell.get_id() });
+                return Ok(());
+            }
+            if let Some(went_back) = err.downcast_ref::<incarnation::WentBack>() {
+                // Not a fault to restart either: the log is not the one this worker read.
+                let reason = went_back.0.clone();
+                let _ = state.cmds.send(DriverCmd::Stopped { partition, worker: cell.get_id(), reason });
                 return Ok(());
             }
             tracing::warn!(partition, error = %err, "partition worker failed");

@@ -21,6 +21,7 @@ use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::{Kind, Moment};
 use crate::ingest::Consumer;
 use crate::ingest::dlq::DeadLetter;
+use crate::ingest::incarnation::WentBack;
 use crate::lake::{FenceError, Fenced, PutOutcome, RawFileName, parquet};
 use crate::metrics as m;
 
@@ -93,6 +94,8 @@ pub struct PartitionWorkerArgs {
     pub partition: i32,
     /// First offset this worker may accept; lower ones are already in the lake or committed.
     pub start_offset: Option<i64>,
+    /// The topic's id, as the broker gave it at the recovery: written into each raw file.
+    pub topic_id: Option<uuid::Uuid>,
     /// A file the recovery scan adopted: its `last + 1` is committed before anything else.
     pub adopted: Option<RawFileName>,
     pub ctx: Arc<PipelineCtx>,
@@ -123,6 +126,10 @@ pub struct PartitionWorkerState {
     window: Option<Window>,
     dlq_pending: Vec<(DeadLetter, Option<DeliveryFuture>)>,
     next_offset: Option<i64>,
+    /// The lowest offset this worker accepts: where it started. A record below it means the log
+    /// went back under it (issue 11, part 3).
+    floor: Option<i64>,
+    topic_id: Option<uuid::Uuid>,
     /// A commit owed without a flush: (next offset, offsets it covers).
     pending_commit: Option<(i64, u64)>,
     committed: Option<i64>,
@@ -185,6 +192,8 @@ impl Actor for PartitionWorker {
             window: None,
             dlq_pending: Vec::new(),
             next_offset: args.start_offset,
+            floor: args.start_offset,
+            topic_id: args.topic_id,
             pending_commit,
             committed: None,
             started: false,
@@ -279,6 +288,19 @@ impl PartitionWorkerState {
         self.ctx.faults.maybe_panic(Kind::PartitionWorker, "buffering");
         for e in &chunk.entries {
             let bytes = RecordChunk::entry_bytes(e);
+            if let Some(floor) = self.floor
+                && e.offset < floor
+            {
+                // Offsets only go back when the log is another one: the topic was re-created
+                // while this worker ran and librdkafka reset its position to the new log.
+                let topic = &self.ctx.config.kafka.topic;
+                return Err(Box::new(WentBack(format!(
+                    "partition {topic}/{p}: offset {} arrived after this worker started at offset {floor}: the log went back under it, so the topic was deleted and re-created (or the cluster replaced). Nothing more of this partition is read, written or committed here. To ingest the new log beside the old one, set kafka.incarnation to a new label; to ingest it over the old lake instead, delete the old incarnation's files first.",
+                    e.offset
+                ))));
+            }
+            let floor = *self.floor.get_or_insert(e.offset);
+            debug_assert!(e.offset >= floor);
             if self.next_offset.is_some_and(|n| e.offset < n) {
                 skipped += 1;
                 skipped_bytes += bytes;
@@ -360,14 +382,15 @@ impl PartitionWorkerState {
         if rows > 0 {
             let batch = self.rows.finish();
             let name = RawFileName {
-                topic: self.ctx.config.kafka.topic.clone(),
+                topic: self.ctx.config.lake_topic(),
                 partition: p,
                 first_offset: w.first,
                 last_offset: w.last,
             };
             let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
             let encode_name = name.clone();
-            let body = tokio::task::spawn_blocking(move || parquet::encode(&batch, &encode_name, level, rg))
+            let topic_id = self.topic_id;
+            let body = tokio::task::spawn_blocking(move || parquet::encode(&batch, &encode_name, topic_id, level, rg))
                 .await
                 .map_err(|e| format!("parquet encoder task failed: {e}"))?
                 .map_err(|e| format!("parquet encoding of {name} failed: {e}"))?;

@@ -179,14 +179,41 @@ pub fn source_metadata(name: &RawFileName, rows: usize) -> Vec<KeyValue> {
     ]
 }
 
-/// Encodes one flush; the metadata names the source offsets so a file explains itself.
+/// Encodes one flush; the metadata names the source offsets, and the topic id where the broker
+/// gives one, so a file explains itself.
 pub fn encode(
     batch: &RecordBatch,
     name: &RawFileName,
+    topic_id: Option<uuid::Uuid>,
     zstd_level: i32,
     row_group_rows: usize,
 ) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    encode_with(batch, source_metadata(name, batch.num_rows()), zstd_level, row_group_rows)
+    let mut meta = source_metadata(name, batch.num_rows());
+    if let Some(id) = topic_id {
+        meta.push(KeyValue::new(crate::ingest::incarnation::META_TOPIC_ID.into(), id.to_string()));
+    }
+    encode_with(batch, meta, zstd_level, row_group_rows)
+}
+
+/// A key-value metadata entry of a Parquet file, read from its tail (the last bytes of the
+/// file, footer included). `Ok(None)`: the file has no such entry. `Err(Some(n))`: the footer
+/// needs the last `n` bytes, more than `tail` holds.
+pub fn footer_value(tail: &[u8], key: &str) -> Result<Option<String>, Result<usize, String>> {
+    let n = tail.len();
+    if n < 8 || &tail[n - 4..] != b"PAR1" {
+        return Err(Err("not a Parquet file (no PAR1 footer)".into()));
+    }
+    let len = u32::from_le_bytes(tail[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
+    if len + 8 > n {
+        return Err(Ok(len + 8));
+    }
+    let meta = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&tail[n - 8 - len..n - 8])
+        .map_err(|e| Err(e.to_string()))?;
+    Ok(meta
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|e| e.key == key))
+        .and_then(|e| e.value.clone()))
 }
 
 /// Encodes `batch` (of [`schema`]) with the lake's writer settings and the given metadata.
@@ -255,7 +282,18 @@ mod tests {
         let batch = buf.finish();
         assert!(buf.is_empty(), "finish leaves the buffer empty");
         let name = RawFileName { topic: "t".into(), partition: 7, first_offset: 500, last_offset: 1499 };
-        let bytes = encode(&batch, &name, 3, 300).unwrap();
+        let id = uuid::Uuid::from_u128(0x2171e556_8657_407d_b81c_7723c868e008);
+        let bytes = encode(&batch, &name, Some(id), 3, 300).unwrap();
+        // The footer alone tells the topic id, from a tail long enough, else how long it must be.
+        let key = crate::ingest::incarnation::META_TOPIC_ID;
+        assert_eq!(footer_value(&bytes, key), Ok(Some(id.to_string())));
+        assert_eq!(footer_value(&bytes, "no.such.key"), Ok(None));
+        let needed = match footer_value(&bytes[bytes.len() - 16..], key) {
+            Err(Ok(n)) => n,
+            other => panic!("a short tail asks for more: {other:?}"),
+        };
+        assert_eq!(footer_value(&bytes[bytes.len() - needed..], key), Ok(Some(id.to_string())));
+        assert!(matches!(footer_value(b"not parquet at all", key), Err(Err(_))));
 
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
         let kv = reader.metadata().file_metadata().key_value_metadata().unwrap().clone();

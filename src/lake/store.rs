@@ -301,14 +301,64 @@ impl LakeStore {
         partition: i32,
         from_offset: Option<i64>,
     ) -> Result<Option<RawFileName>, StoreError> {
+        Ok(self.latest_raw_file_sized(raw_prefix, topic, partition, from_offset).await?.map(|(n, _)| n))
+    }
+
+    /// [`LakeStore::latest_raw_file`], with the file's size in bytes.
+    pub async fn latest_raw_file_sized(
+        &self,
+        raw_prefix: &str,
+        topic: &str,
+        partition: i32,
+        from_offset: Option<i64>,
+    ) -> Result<Option<(RawFileName, u64)>, StoreError> {
         let prefix = keys::partition_prefix(raw_prefix, partition);
         let marker = from_offset.map(|o| keys::start_after_for(raw_prefix, topic, partition, o));
-        let keys = self.list_keys(&prefix, marker.as_deref()).await?;
-        Ok(keys
+        let objects = self.list_objects(&prefix, marker.as_deref()).await?;
+        Ok(objects
             .iter()
-            .filter_map(|k| RawFileName::parse(k))
-            .filter(|n| n.topic == topic && n.partition == partition)
-            .max_by_key(|n| n.last_offset))
+            .filter_map(|o| Some((RawFileName::parse(&o.key)?, o.size)))
+            .filter(|(n, _)| n.topic == topic && n.partition == partition)
+            .max_by_key(|(n, _)| n.last_offset))
+    }
+
+    /// The bytes of the object at `key` (of `size` bytes) from `start` to its end. An explicit
+    /// start rather than a suffix range: s3s-fs fails a suffix longer than the object.
+    pub async fn get_from(&self, key: &str, start: u64) -> Result<bytes::Bytes, StoreError> {
+        let range = format!("bytes={start}-");
+        match self.client.get_object().bucket(&self.bucket).key(key).range(range).send().await {
+            Ok(out) => Ok(out
+                .body
+                .collect()
+                .await
+                .map_err(|e| StoreError::Retryable { op: "GetObject", target: key.to_string(), detail: e.to_string() })?
+                .into_bytes()),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                Err(classify("GetObject", key, &e, status))
+            }
+        }
+    }
+
+    /// A key-value metadata entry of the Parquet file at `key` (of `size` bytes), read from its
+    /// footer alone.
+    pub async fn parquet_footer_value(&self, key: &str, size: u64, entry: &str) -> Result<Option<String>, StoreError> {
+        let mut want: u64 = 64 * 1024;
+        loop {
+            let tail = self.get_from(key, size.saturating_sub(want)).await?;
+            match crate::lake::parquet::footer_value(&tail, entry) {
+                Ok(v) => return Ok(v),
+                Err(Ok(needed)) if want < size && needed as u64 > want => want = needed as u64,
+                Err(Ok(needed)) => {
+                    return Err(StoreError::Fatal {
+                        op: "GetObject",
+                        target: key.to_string(),
+                        detail: format!("the Parquet footer needs {needed} bytes, the object has {}", tail.len()),
+                    });
+                }
+                Err(Err(detail)) => return Err(StoreError::Fatal { op: "GetObject", target: key.to_string(), detail }),
+            }
+        }
     }
 
     pub async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {

@@ -225,7 +225,7 @@ impl CompactorState {
     /// the merges of owned, partitioned files.
     async fn plan_pass(&mut self) -> Result<(), WorkError> {
         let cfg = &self.ctx.config.compactor;
-        let topic = self.ctx.config.kafka.topic.clone();
+        let topic = self.ctx.config.lake_topic();
         let owned: BTreeSet<i32> =
             self.ctx.owned_partitions().into_iter().filter(|p| !self.to_recover.contains(p)).collect();
         if owned.is_empty() {
@@ -312,7 +312,7 @@ impl CompactorState {
         // I9: nothing of a partition another instance has claimed is written.
         self.ctx.check_fence(p).await?;
         let started = Instant::now();
-        let topic = &self.ctx.config.kafka.topic;
+        let topic = &self.ctx.config.lake_topic();
         let output_key = plan.output_key();
         let intent_key = table::intent_key(topic, &plan.hive, &plan.output_name());
         let intent = CompactionIntent {
@@ -488,7 +488,7 @@ impl CompactorState {
             return Ok(());
         }
         self.ctx.check_fence(p).await?;
-        let topic = &self.ctx.config.kafka.topic;
+        let topic = &self.ctx.config.lake_topic();
         for key in self.ctx.table.list_keys(&table::intents_prefix(topic, p), None).await? {
             let Some(body) = self.ctx.table.get_opt(&key).await? else { continue };
             let intent: CompactionIntent = match serde_json::from_slice(&body) {

@@ -151,7 +151,7 @@ impl Actor for Partitioner {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             PartitionerMsg::FileCommitted(name) => {
-                if name.topic == state.ctx.config.kafka.topic
+                if name.topic == state.ctx.config.lake_topic()
                     && let Some(ps) = state.parts.get_mut(&name.partition)
                 {
                     match ps.known_end() {
@@ -406,7 +406,7 @@ async fn list_after_watermark(
     p: i32,
     known: Option<(Option<Mark>, Option<String>)>,
 ) -> Result<Scan, WorkError> {
-    let topic = &ctx.config.kafka.topic;
+    let topic = &ctx.config.lake_topic();
     let (watermark, etag) = match known {
         Some(w) => w,
         None => read_watermark_mark(ctx, topic, p).await?,

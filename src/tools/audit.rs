@@ -43,7 +43,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::ingest::dlq::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC};
+use crate::ingest::dlq::{
+    HEADER_SOURCE_INCARNATION, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+};
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::{LakeStore, StoreError};
 
@@ -675,6 +677,8 @@ async fn read_files(
 /// Runs the audit against the Kafka cluster and the lake of `config`.
 pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, AuditError> {
     let topic = config.kafka.topic.clone();
+    // The lake names files by the incarnation too (`kafka.incarnation`): only this one's count.
+    let lake_topic = config.lake_topic();
     let dlq_topic = config.kafka.dlq_topic.clone();
     let validator = config.validator();
     let (cfg, o) = (config.clone(), opts.clone());
@@ -694,8 +698,10 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
         })?;
         let dlq_bounds = log_bounds(&c, &cfg.kafka.dlq_topic, cfg.kafka.request_timeout)?;
         read_topic(&c, &cfg.kafka.dlq_topic, &dlq_bounds, o.timeout, o.progress, |_, m| {
-            if header(m, HEADER_SOURCE_TOPIC) != Some(cfg.kafka.topic.as_str()) {
-                return;
+            if header(m, HEADER_SOURCE_TOPIC) != Some(cfg.kafka.topic.as_str())
+                || header(m, HEADER_SOURCE_INCARNATION).unwrap_or("") != cfg.kafka.incarnation
+            {
+                return; // another topic's, or another incarnation's of this one
             }
             let p = header(m, HEADER_SOURCE_PARTITION).and_then(|v| v.parse::<i32>().ok());
             let off = header(m, HEADER_SOURCE_OFFSET).and_then(|v| v.parse::<i64>().ok());
@@ -719,7 +725,7 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
         // Every Parquet file of the topic, named as the daemon names them or not: a file the
         // daemon's own key parsing would skip is read all the same.
         .filter(|k| {
-            k.ends_with(".parquet") && k.rsplit('/').next().is_some_and(|n| n.starts_with(&format!("{topic}+")))
+            k.ends_with(".parquet") && k.rsplit('/').next().is_some_and(|n| n.starts_with(&format!("{lake_topic}+")))
         })
         .collect();
     let table_files = keys.len() as u64;
@@ -750,7 +756,7 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
                 raw.list_keys(&prefix, None)
                     .await?
                     .into_iter()
-                    .filter(|k| RawFileName::parse(k).is_some_and(|n| n.topic == topic)),
+                    .filter(|k| RawFileName::parse(k).is_some_and(|n| n.topic == lake_topic)),
             );
         }
         read_files(&raw, keys, false, opts.progress, |_, file| {

@@ -97,13 +97,19 @@ impl Harness {
 
     /// Whether every raw file is below its partition's watermark.
     pub fn partitioner_caught_up(&self) -> bool {
+        self.partitioner_caught_up_on(TOPIC)
+    }
+
+    /// [`Harness::partitioner_caught_up`] for the files of one lake topic (`Config::lake_topic`).
+    pub fn partitioner_caught_up_on(&self, lake_topic: &str) -> bool {
         let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-        for (n, _) in self.raw_files() {
+        for (n, _) in self.raw_files().into_iter().filter(|(n, _)| n.topic == lake_topic) {
             let e = last.entry(n.partition).or_insert(n.last_offset);
             *e = (*e).max(n.last_offset);
         }
         last.iter().all(|(&p, &end)| {
-            let path = self.dir.path().join("tb-transactions").join(trstream::lake::table::watermark_key(TOPIC, p));
+            let path =
+                self.dir.path().join("tb-transactions").join(trstream::lake::table::watermark_key(lake_topic, p));
             std::fs::read(path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<trstream::lake::table::Watermark>(&b).ok())
