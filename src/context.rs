@@ -174,7 +174,10 @@ impl PipelineCtx {
     /// owner record, conditionally where the store honours it, so that of two claims at once
     /// one is refused and tries again on top of the other. Every earlier owner's next write of
     /// `p` is then refused ([`PipelineCtx::check_fence`]).
-    pub async fn claim(&self, p: i32) -> Result<u64, StoreError> {
+    ///
+    /// `topic_id` is the topic's id now: a record naming another one was written for another
+    /// incarnation of the topic (issue 11, part 3), and is left as it is.
+    pub async fn claim(&self, p: i32, topic_id: Option<uuid::Uuid>) -> Result<ClaimOutcome, StoreError> {
         let topic = &self.config.lake_topic();
         let key = owners::owner_key(topic, p);
         let conditional = self.conditional_writes.load(Ordering::Relaxed);
@@ -183,8 +186,14 @@ impl PipelineCtx {
                 None => (0, Precondition::Absent),
                 Some((body, etag)) => {
                     // An unreadable record counts as epoch 0: the claim replaces it.
-                    let prev = serde_json::from_slice::<OwnerRecord>(&body).map_or(0, |r| r.epoch);
-                    (prev, etag.map_or(Precondition::Absent, Precondition::Matches))
+                    let record = serde_json::from_slice::<OwnerRecord>(&body).ok();
+                    let recorded = record.as_ref().and_then(|r| r.topic_id.as_deref()).and_then(|s| s.parse().ok());
+                    if let (Some(recorded), Some(now)) = (recorded, topic_id)
+                        && recorded != now
+                    {
+                        return Ok(ClaimOutcome::OtherIncarnation(recorded));
+                    }
+                    (record.map_or(0, |r| r.epoch), etag.map_or(Precondition::Absent, Precondition::Matches))
                 }
             };
             let record = OwnerRecord {
@@ -194,6 +203,7 @@ impl PipelineCtx {
                 instance: self.instance_id(),
                 token: uuid::Uuid::new_v4().to_string(),
                 claimed_at: chrono::Utc::now().to_rfc3339(),
+                topic_id: topic_id.map(|u| u.to_string()),
             };
             let body = bytes::Bytes::from(serde_json::to_vec_pretty(&record).expect("an owner record serializes"));
             let written = if conditional {
@@ -207,10 +217,10 @@ impl PipelineCtx {
             };
             match written {
                 CondPut::Written(_) => {
-                    let claim = Claim { epoch: record.epoch, token: record.token, checked: Instant::now() };
+                    let claim = Claim { epoch: record.epoch, token: record.token, checked: Instant::now(), topic_id };
                     self.claims.lock().unwrap().insert(p, claim);
                     tracing::debug!(partition = p, epoch = record.epoch, "claimed");
-                    return Ok(record.epoch);
+                    return Ok(ClaimOutcome::Claimed(record.epoch));
                 }
                 CondPut::Refused => continue,
             }
@@ -235,6 +245,12 @@ impl PipelineCtx {
         }
     }
 
+    /// The topic id this instance's claim on `p` was made under (`None` inside: the broker gave
+    /// none).
+    pub fn claimed_topic_id(&self, p: i32) -> Option<Option<uuid::Uuid>> {
+        self.claims.lock().unwrap().get(&p).map(|c| c.topic_id)
+    }
+
     /// Whether this instance holds a claim on `p` (it may have been superseded since).
     pub fn has_claim(&self, p: i32) -> bool {
         self.claims.lock().unwrap().contains_key(&p)
@@ -247,10 +263,10 @@ impl PipelineCtx {
     /// so that nothing of this instance writes `p` again until it is assigned `p` again.
     pub async fn check_fence(&self, p: i32) -> Result<(), FenceError> {
         let lease = self.config.kafka.session_timeout / 3;
-        let (mine, token) = match self.claims.lock().unwrap().get(&p) {
+        let (mine, token, topic_id) = match self.claims.lock().unwrap().get(&p) {
             None => return Err(FenceError::Unclaimed(p)),
             Some(c) if c.checked.elapsed() < lease => return Ok(()),
-            Some(c) => (c.epoch, c.token.clone()),
+            Some(c) => (c.epoch, c.token.clone(), c.topic_id),
         };
         let key = owners::owner_key(&self.config.lake_topic(), p);
         let sent = Instant::now();
@@ -277,6 +293,7 @@ impl PipelineCtx {
                     instance: self.instance_id(),
                     token,
                     claimed_at: chrono::Utc::now().to_rfc3339(),
+                    topic_id: topic_id.map(|u| u.to_string()),
                 };
                 let body = serde_json::to_vec_pretty(&record).expect("an owner record serializes");
                 self.store.put_conditional(&key, body.into(), "application/json", &Precondition::Absent).await?;
@@ -309,7 +326,18 @@ impl PipelineCtx {
 }
 
 /// One claim of this instance (see [`PipelineCtx::check_fence`]).
+/// What [`PipelineCtx::claim`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The partition is this instance's, at this epoch.
+    Claimed(u64),
+    /// The owner record was written under this other topic id: nothing claimed.
+    OtherIncarnation(uuid::Uuid),
+}
+
 struct Claim {
+    /// The topic id the claim was made under, where the broker gives one.
+    topic_id: Option<uuid::Uuid>,
     epoch: u64,
     /// Random, per claim: on a store that ignores preconditions two claims can write the same
     /// epoch; the token tells them apart.

@@ -358,12 +358,17 @@ impl Validator {
         let wire: Wire = serde_json::from_str(text).map_err(|e| json_rejection(text, e))?;
 
         let transaction_id = required("transaction_id", wire.transaction_id)?;
-        if uuid::Uuid::try_parse(&transaction_id).is_err() {
+        let Ok(uuid) = uuid::Uuid::try_parse(&transaction_id) else {
             return Err(Rejection::new(
                 RejectReason::InvalidUuid,
                 format!("`transaction_id` {transaction_id:?} is not a UUID"),
             ));
-        }
+        };
+        // Stored canonical (design §2): lower case, hyphenated, whatever spelling arrived. The
+        // common spelling is kept as it is, without a copy.
+        let canonical = transaction_id.len() == 36 && !transaction_id.bytes().any(|b| b.is_ascii_uppercase());
+        let transaction_id =
+            if canonical { transaction_id } else { std::borrow::Cow::Owned(uuid.hyphenated().to_string()) };
         let user_id = required("user_id", wire.user_id)?;
         check_len("user_id", &user_id)?;
         let account_id = required("account_id", wire.account_id)?;
@@ -702,6 +707,26 @@ mod tests {
         let t = br#"{"transaction_id":"6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b","user_id":"u\u00e9","account_id":"a","transaction_type":"DEBIT","amount":"1.00","currency":"USD","country":"US","channel":"ATM","status":"PENDING","event_time":"2025-12-31T00:00:00Z"}"#;
         let v = Validator::default().validate(Some(t), NOW_US).unwrap();
         assert_eq!(v.user_id, "ué");
+    }
+
+    #[test]
+    fn transaction_ids_are_stored_canonical_whatever_the_spelling() {
+        // Found by the audit's own reading of the source record (issue 11, part 6): an upper-case
+        // id went into the lake as it arrived.
+        let canonical = "6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+        for spelling in [
+            canonical,
+            "6F1C9A2E-3B4D-4E5F-8A9B-0C1D2E3F4A5B",
+            "6f1c9a2e3b4d4e5f8a9b0c1d2e3f4a5b",
+            "{6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b}",
+            "urn:uuid:6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b",
+        ] {
+            let t = format!(
+                r#"{{"transaction_id":"{spelling}","user_id":"u","account_id":"a","transaction_type":"DEBIT","amount":"1.00","currency":"USD","country":"US","channel":"ATM","status":"PENDING","event_time":"2025-12-31T00:00:00Z"}}"#
+            );
+            let v = Validator::default().validate(Some(t.as_bytes()), NOW_US).unwrap();
+            assert_eq!(v.transaction_id, canonical, "{spelling}");
+        }
     }
 
     #[test]

@@ -490,6 +490,67 @@ fn pauses_past_the_session_timeout_lose_and_duplicate_nothing_in_the_table() {
     s.finish_with(a, producing, 0, false, &format!(", zombie writes refused {refused}, partitions fenced {fenced}"));
 }
 
+/// Issue 11, part 3: the topic deleted and re-created under the same name, with the same buckets.
+/// The new log's offsets start again at 0, below the lake's: the daemon must not skip them as
+/// "already in the lake". Its partitions stop (the raw files record the old topic id), nothing
+/// of the new log is written under the old names or committed, and once restarted with
+/// `kafka.incarnation = "2"` it ingests the new log exactly once beside the old files.
+///
+/// The daemon is stopped while the topic is deleted: with Tansu 0.6.0, a topic deleted under a
+/// running consumer makes librdkafka 2.12 crash (SIGSEGV in `rd_kafka_metadata_update_op`: a
+/// Fetch response's leader-change tag without a topic id), a Tansu bug that Apache Kafka does
+/// not have (supervision.md, known limits).
+#[test]
+fn a_re_created_topic_stops_its_partitions_until_reingested_and_loses_nothing() {
+    let mut s = Scenario::new("topic re-created");
+    let first = s.produce(2_000);
+    let mut a = s.first_daemon("daemon-a", None);
+    std::thread::sleep(s.pause(2.0..5.0));
+    first.sent.stop.store(true, Ordering::Relaxed);
+    first.handle.join().expect("the producer thread");
+    let end = s.tansu.end_offsets(TOPIC, PARTITIONS);
+    wait_until("the daemon to commit the first log", Duration::from_secs(120), || s.committed() == end);
+    assert!(a.terminate(Duration::from_secs(60)), "daemon-a exits 0 on SIGTERM");
+    let old_files = raw_keys(&s.config);
+    eprintln!("[topic re-created] first log: {} records, {} raw files", end.values().sum::<i64>(), old_files.len());
+
+    s.tansu.delete_topic(TOPIC);
+    s.tansu.create_topic(TOPIC, PARTITIONS);
+    if !s.tansu.has_topic(DLQ) {
+        // Tansu 0.6.0 deletes `transactions.dlq` along with `transactions`.
+        eprintln!("[topic re-created] the broker deleted {DLQ} too; created again");
+        s.tansu.create_topic(DLQ, PARTITIONS);
+    }
+    s.faults += 1;
+    let from = Instant::now();
+    let producing = s.produce(2_000);
+    let mut a = Daemon::start(s.dir.path(), "daemon-a2", &s.config);
+    wait_until("every partition stopped", Duration::from_secs(120), || {
+        a.assert_running();
+        a.metric("trstream_partitions_stopped") == Some(f64::from(PARTITIONS))
+    });
+    eprintln!("[topic re-created] every partition stopped {:.1}s after the re-creation", from.elapsed().as_secs_f64());
+    let new_keys: Vec<String> =
+        raw_keys(&s.config).into_iter().filter(|k| !old_files.contains(k) && !k.starts_with("_trstream/")).collect();
+    assert!(new_keys.is_empty(), "nothing of the new log written under the old names: {new_keys:?}");
+    assert!(s.committed().values().all(|&c| c < 0), "nothing of the new log committed: {:?}", s.committed());
+    assert!(a.terminate(Duration::from_secs(60)), "a daemon with stopped partitions still exits 0 on SIGTERM");
+
+    s.config.kafka.incarnation = "2".into();
+    let b = Daemon::start(s.dir.path(), "daemon-b", &s.config);
+    s.recovered("re-ingest as incarnation 2".into(), from, &BTreeMap::new());
+    let keys = raw_keys(&s.config);
+    assert!(old_files.iter().all(|k| keys.contains(k)), "the old incarnation's files stay");
+    s.finish(b, producing, 2);
+}
+
+/// Every key of the raw bucket.
+fn raw_keys(config: &Config) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = trstream::lake::LakeStore::new(&config.s3, &config.s3.raw_bucket);
+    rt.block_on(store.list_keys("", None)).expect("listing raw-data")
+}
+
 #[test]
 fn sigkill_of_the_broker_then_restart_loses_and_duplicates_nothing() {
     let mut s = Scenario::new("broker SIGKILL");

@@ -287,8 +287,9 @@ async fn a_lake_from_another_incarnation_of_the_topic_stops_its_partitions_until
     let readyz = http_get(addr, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
     for p in 0..2 {
-        let line = format!("partition {p} stopped: partition transactions/{p}: raw file transactions+{p}+");
-        assert!(readyz.contains(&line), "/readyz names the partition and the file: {readyz}");
+        let line =
+            format!("partition {p} stopped: partition transactions/{p}: the partition was claimed under topic id");
+        assert!(readyz.contains(&line), "/readyz names the partition and the ids: {readyz}");
     }
     assert!(readyz.contains("topic id") && readyz.contains("kafka.incarnation"), "says why and what to do: {readyz}");
     assert_eq!(common::metric(addr, "trstream_partitions_stopped"), Some(2.0));

@@ -25,7 +25,7 @@ use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::context::{PartitionBudget, PipelineCtx};
+use crate::context::{ClaimOutcome, PartitionBudget, PipelineCtx};
 use crate::faults::Kind;
 use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
 use crate::ingest::{Consumer, incarnation};
@@ -378,7 +378,29 @@ async fn recovery(
     // I9: an assignment claims the partition (every earlier owner's next write is refused); a
     // recovery after a worker died only checks that the claim still holds, so that an instance
     // that lost the partition while it stalled never takes it back.
-    let fence = if claim { ctx.claim(p).await.map(|_| ()).map_err(FenceError::from) } else { ctx.check_fence(p).await };
+    // The log as the broker has it now (issue 11, part 3): the claim records its topic id.
+    let (c, topic, timeout) = (consumer.clone(), cfg.kafka.topic.clone(), cfg.kafka.request_timeout);
+    let now = tokio::task::spawn_blocking(move || incarnation::log_now(&c, &topic, p, timeout))
+        .await
+        .map_err(|e| format!("log-end task failed: {e}"))??;
+    let stopped =
+        |recorded| RecoveryFailure::Stopped(incarnation::other_topic_id(&cfg.kafka.topic, p, recorded, now).0);
+    let fence = if claim {
+        match ctx.claim(p, now.topic_id).await {
+            Ok(ClaimOutcome::Claimed(_)) => Ok(()),
+            // The partition's last owner read it under another topic id.
+            Ok(ClaimOutcome::OtherIncarnation(recorded)) => return Err(stopped(recorded)),
+            Err(e) => Err(FenceError::from(e)),
+        }
+    } else {
+        // This instance claimed it under another topic id: re-created while it ran.
+        if let (Some(Some(mine)), Some(id)) = (ctx.claimed_topic_id(p), now.topic_id)
+            && mine != id
+        {
+            return Err(stopped(mine));
+        }
+        ctx.check_fence(p).await
+    };
     match fence {
         Ok(()) => {}
         Err(e @ (FenceError::Fenced(_) | FenceError::Unclaimed(_))) => {
@@ -395,10 +417,6 @@ async fn recovery(
             format!("recovery scan of partition {p}: {e}")
         })?;
     // The lake's offsets and the group's must be of this log (issue 11, part 3).
-    let (c, topic, timeout) = (consumer.clone(), cfg.kafka.topic.clone(), cfg.kafka.request_timeout);
-    let now = tokio::task::spawn_blocking(move || incarnation::log_now(&c, &topic, p, timeout))
-        .await
-        .map_err(|e| format!("log-end task failed: {e}"))??;
     let recorded_id = match &latest {
         Some((f, size)) => {
             let key = f.key(&cfg.s3.raw_prefix);

@@ -132,6 +132,23 @@ pub struct WentBack(pub String);
 #[error("{0}")]
 pub struct Reused(pub String);
 
+/// The owner record (or this instance's own claim) was made under `recorded`, another topic id
+/// than the log's now.
+pub fn other_topic_id(topic: &str, p: i32, recorded: uuid::Uuid, now: LogNow) -> Reused {
+    Reused(format!(
+        "partition {topic}/{p}: the partition was claimed under topic id {recorded}, but {topic} is topic id {} now \
+         (log end {}): {WHAT_TO_DO}",
+        now.topic_id.map_or_else(|| "none".to_string(), |u| u.to_string()),
+        now.log_end
+    ))
+}
+
+const WHAT_TO_DO: &str = "the topic was deleted and re-created, or this daemon points at another Kafka cluster than \
+    the one the lake was made from. Nothing of this partition is read, written or committed until then. To \
+    ingest the new log beside the old one, set kafka.incarnation to a new label (its files are then named \
+    <topic>~<label>+…); to ingest it over the old lake instead, delete the old incarnation's files first. \
+    If the group's committed offsets are the old ones too, reset them (or use a new kafka.group_id).";
+
 /// Checks the recovery scan's findings against the log: the highest raw file (`latest`, with the
 /// topic id it records, if any) and the committed offset must belong to this incarnation.
 pub fn check(
@@ -141,11 +158,6 @@ pub fn check(
     committed: Option<i64>,
     latest: Option<(&RawFileName, Option<uuid::Uuid>)>,
 ) -> Result<(), Reused> {
-    const WHAT_TO_DO: &str = "the topic was deleted and re-created, or this daemon points at another Kafka cluster than \
-        the one the lake was made from. Nothing of this partition is read, written or committed until then. To \
-        ingest the new log beside the old one, set kafka.incarnation to a new label (its files are then named \
-        <topic>~<label>+…); to ingest it over the old lake instead, delete the old incarnation's files first. \
-        If the group's committed offsets are the old ones too, reset them (or use a new kafka.group_id).";
     if let (Some((file, Some(file_id))), Some(id)) = (latest, now.topic_id)
         && file_id != id
     {

@@ -34,6 +34,10 @@ pub struct OwnerRecord {
     #[serde(default)]
     pub token: String,
     pub claimed_at: String,
+    /// The topic id (KIP-516) the claiming instance read the partition from, where the broker
+    /// gives one: a later claim under another id is another incarnation of the topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_id: Option<String>,
 }
 
 /// `_trstream/owners/<topic>/partition=<p>.json`, in the raw bucket (the one bucket every
@@ -83,8 +87,12 @@ mod tests {
             instance: "trstream-1-0@h".into(),
             token: "t".into(),
             claimed_at: "2026-11-27T00:00:00Z".into(),
+            topic_id: Some("2171e556-8657-407d-b81c-7723c868e008".into()),
         };
         assert_eq!(serde_json::from_slice::<OwnerRecord>(&serde_json::to_vec(&r).unwrap()).unwrap(), r);
+        // A record of an earlier version, without a topic id, still reads.
+        let old = r#"{"topic":"transactions","partition":7,"epoch":3,"instance":"i","token":"t","claimed_at":"x"}"#;
+        assert_eq!(serde_json::from_str::<OwnerRecord>(old).unwrap().topic_id, None);
         let f = Fenced { partition: 7, mine: 3, current: 4, owner: "trstream-2-0@g".into() };
         assert!(f.to_string().contains("partition 7 was claimed by trstream-2-0@g (epoch 4)"), "{f}");
     }

@@ -171,6 +171,22 @@ impl Tansu {
         ]));
     }
 
+    pub fn delete_topic(&self, name: &str) {
+        run(Command::new(&self.process.program).args([
+            "topic",
+            "delete",
+            &format!("--broker=tcp://{}", self.bootstrap),
+            name,
+        ]));
+    }
+
+    /// Whether the broker knows `topic`.
+    pub fn has_topic(&self, topic: &str) -> bool {
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
+        md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    }
+
     /// Log end offsets of `topic`'s partitions `0..partitions`.
     pub fn end_offsets(&self, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
         let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
