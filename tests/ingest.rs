@@ -264,7 +264,7 @@ async fn a_recovery_that_finishes_after_a_revoke_commits_nothing() {
 /// buckets. The new log's offsets start again at 0: without the incarnation check the recovery
 /// scan adopts the old lake's highest file and every new record below it is skipped as "already
 /// in the lake" and committed past. The new log here is *longer* than the old lake, so the log
-/// end alone cannot tell: the topic id recorded in the raw files does. Then `kafka.incarnation`
+/// end alone cannot tell: the topic id recorded in the owner records (and raw files) does. Then `kafka.incarnation`
 /// ingests the new log beside the old one, and the audit of it is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lake_from_another_incarnation_of_the_topic_stops_its_partitions_until_told_to_reingest() {

@@ -412,7 +412,7 @@ async fn recovery(
         }
     }
     let latest: Option<(RawFileName, u64)> =
-        ctx.store.latest_raw_file_sized(&cfg.s3.raw_prefix, &cfg.lake_topic(), p, committed).await.map_err(|e| {
+        ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.lake_topic(), p, committed).await.map_err(|e| {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
             format!("recovery scan of partition {p}: {e}")
         })?;
@@ -667,40 +667,36 @@ fn on_worker_died(consumer: &Consumer, p: i32, id: ActorId) {
 /// stays paused and unrouted, and the partitioner and compactor let go of it, until the group's
 /// rebalance reaches this instance.
 fn on_worker_fenced(consumer: &Consumer, p: i32, id: ActorId) {
-    let dc = consumer.context();
-    let mut st = dc.state.lock().unwrap();
-    if !matches!(st.slots.get(&p), Some(Slot::Ready { worker, .. }) if worker.get_id() == id) {
-        return;
+    if park_worker(consumer, p, id, Slot::Fenced) {
+        fence_partition(consumer.context(), p, "its worker was refused a write");
     }
-    if let Some(Slot::Ready { budget, .. }) = st.slots.remove(&p) {
-        budget.release_all();
-    }
-    st.pending.remove(&p);
-    st.slots.insert(p, Slot::Fenced);
-    drop(st);
-    if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
-        tracing::warn!(partition = p, error = %e, "pause of a fenced partition failed");
-    }
-    fence_partition(dc, p, "its worker was refused a write");
 }
 
 /// A worker's partition went back in its offsets: stopped like a failed incarnation check.
 fn on_worker_stopped(consumer: &Consumer, p: i32, id: ActorId, reason: String) {
+    if park_worker(consumer, p, id, Slot::Stopped) {
+        stop_partition(consumer.context(), p, reason);
+    }
+}
+
+/// Puts `p` in `parked` (Fenced or Stopped) if worker `id` is still its current one: its budget
+/// released, what was fetched for it dropped, the partition paused. False for a stale report.
+fn park_worker(consumer: &Consumer, p: i32, id: ActorId, parked: Slot) -> bool {
     let dc = consumer.context();
     let mut st = dc.state.lock().unwrap();
     if !matches!(st.slots.get(&p), Some(Slot::Ready { worker, .. }) if worker.get_id() == id) {
-        return;
+        return false;
     }
     if let Some(Slot::Ready { budget, .. }) = st.slots.remove(&p) {
         budget.release_all();
     }
     st.pending.remove(&p);
-    st.slots.insert(p, Slot::Stopped);
+    st.slots.insert(p, parked);
     drop(st);
     if let Err(e) = consumer.pause(&dc.tpl(&[p])) {
-        tracing::warn!(partition = p, error = %e, "pause of a stopped partition failed");
+        tracing::warn!(partition = p, error = %e, "pause of a fenced or stopped partition failed");
     }
-    stop_partition(dc, p, reason);
+    true
 }
 
 /// Reports a partition stopped because its log is not the lake's (`incarnation::check`): an

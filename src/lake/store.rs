@@ -293,19 +293,8 @@ impl LakeStore {
 
     /// The recovery scan of I2: the raw file with the highest last offset among those whose first
     /// offset is at or after `from_offset` (the committed offset), i.e. uploaded but perhaps not
-    /// committed. `None` when nothing past the commit exists.
+    /// committed. `None` when nothing past the commit exists. With the file's size in bytes.
     pub async fn latest_raw_file(
-        &self,
-        raw_prefix: &str,
-        topic: &str,
-        partition: i32,
-        from_offset: Option<i64>,
-    ) -> Result<Option<RawFileName>, StoreError> {
-        Ok(self.latest_raw_file_sized(raw_prefix, topic, partition, from_offset).await?.map(|(n, _)| n))
-    }
-
-    /// [`LakeStore::latest_raw_file`], with the file's size in bytes.
-    pub async fn latest_raw_file_sized(
         &self,
         raw_prefix: &str,
         topic: &str,

@@ -679,6 +679,7 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
     let topic = config.kafka.topic.clone();
     // The lake names files by the incarnation too (`kafka.incarnation`): only this one's count.
     let lake_topic = config.lake_topic();
+    let file_prefix = format!("{lake_topic}+");
     let dlq_topic = config.kafka.dlq_topic.clone();
     let validator = config.validator();
     let (cfg, o) = (config.clone(), opts.clone());
@@ -724,9 +725,7 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
         .into_iter()
         // Every Parquet file of the topic, named as the daemon names them or not: a file the
         // daemon's own key parsing would skip is read all the same.
-        .filter(|k| {
-            k.ends_with(".parquet") && k.rsplit('/').next().is_some_and(|n| n.starts_with(&format!("{lake_topic}+")))
-        })
+        .filter(|k| k.ends_with(".parquet") && k.rsplit('/').next().is_some_and(|n| n.starts_with(&file_prefix)))
         .collect();
     let table_files = keys.len() as u64;
     let mut table_rows = 0u64;
