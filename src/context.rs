@@ -47,6 +47,9 @@ pub struct PipelineCtx {
     /// Hive partitions the partitioner wrote to since the compactor last looked, per Kafka
     /// partition: the compactor lists only these between full listings.
     touched: Mutex<BTreeMap<i32, BTreeSet<HivePartition>>>,
+    /// Table writes that failed and may still land (I9's late writes): when, per Hive
+    /// partition and Kafka partition. The compactor watches those Hive partitions for a while.
+    failed_writes: Mutex<HashMap<(HivePartition, i32), Instant>>,
     /// This instance's claims (I9): per Kafka partition, the epoch it wrote into the owner record
     /// and when it last saw it current.
     claims: Mutex<HashMap<i32, Claim>>,
@@ -82,6 +85,7 @@ impl PipelineCtx {
             abandon: AtomicBool::new(false),
             owned: Mutex::new(BTreeSet::new()),
             touched: Mutex::new(BTreeMap::new()),
+            failed_writes: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
             conditional_writes: AtomicBool::new(false),
             partitioner: Mutex::new(None),
@@ -145,6 +149,24 @@ impl PipelineCtx {
     /// these Hive partitions.
     pub fn touch(&self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
         self.touched.lock().unwrap().entry(p).or_default().extend(hives);
+    }
+
+    /// A table write of Kafka partition `p` in these Hive partitions failed: the store may
+    /// still apply it later.
+    pub fn table_write_failed(&self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
+        let now = Instant::now();
+        let mut failed = self.failed_writes.lock().unwrap();
+        for h in hives {
+            failed.insert((h, p), now);
+        }
+    }
+
+    /// The (Hive partition, Kafka partition) pairs of `parts` where a table write failed within
+    /// the last `window`; older ones are forgotten.
+    pub fn watched_for_late_writes(&self, parts: &BTreeSet<i32>, window: Duration) -> BTreeSet<(HivePartition, i32)> {
+        let mut failed = self.failed_writes.lock().unwrap();
+        failed.retain(|_, at| at.elapsed() < window);
+        failed.keys().filter(|(_, p)| parts.contains(p)).cloned().collect()
     }
 
     /// The Hive partitions touched in `parts` since the last call, forgotten here.
@@ -259,13 +281,16 @@ impl PipelineCtx {
     /// Before a write of partition `p` (raw file, table files, watermark, intent): `Ok` while
     /// this instance's claim is still the partition's current one (its epoch and token, I9).
     /// Within `kafka.session_timeout / 3` of the last check (measured from when that check's
-    /// request was sent) no request is made (see `lake::owners`). A superseded claim is dropped,
+    /// request was sent) no request is made (see `lake::owners`), unless the process was stopped
+    /// within the last session timeout ([`crate::stall`]). A superseded claim is dropped,
     /// so that nothing of this instance writes `p` again until it is assigned `p` again.
     pub async fn check_fence(&self, p: i32) -> Result<(), FenceError> {
         let lease = self.config.kafka.session_timeout / 3;
+        // After a stall the group may be moving the partition right now: no lease (crate::stall).
+        let trusted = !crate::stall::Stalls::get().recent(self.config.kafka.session_timeout);
         let (mine, token, topic_id) = match self.claims.lock().unwrap().get(&p) {
             None => return Err(FenceError::Unclaimed(p)),
-            Some(c) if c.checked.elapsed() < lease => return Ok(()),
+            Some(c) if trusted && c.checked.elapsed() < lease => return Ok(()),
             Some(c) => (c.epoch, c.token.clone(), c.topic_id),
         };
         let key = owners::owner_key(&self.config.lake_topic(), p);

@@ -261,6 +261,8 @@ static INSTANCE_SEQ: AtomicUsize = AtomicUsize::new(0);
 /// Starts the daemon's supervision tree and HTTP server.
 pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, StartError> {
     let handle = m::install();
+    // Watching from the start, so that a stall before the first fence check counts too.
+    crate::stall::Stalls::get();
     let store = LakeStore::new(&config.s3, &config.s3.raw_bucket);
     let table = LakeStore::new(&config.s3, &config.s3.table_bucket);
     let health = Arc::new(Health::default());

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::lake::{StoreError, WorkError};
+use crate::lake::{LakeStore, Precondition, StoreError, WorkError};
 
 /// The environment variable of [`Faults::from_spec`].
 pub const ENV: &str = "TRSTREAM_FAULTS";
@@ -32,6 +32,8 @@ pub struct Faults {
     /// whether [`Faults::release_recoveries`] was called, and how many are waiting.
     recovery_gate: Mutex<(std::collections::HashSet<i32>, bool)>,
     recoveries_held: AtomicU32,
+    /// Late writes struck and not landed yet.
+    late_pending: std::sync::Arc<AtomicU32>,
     random: Option<RandomFaults>,
 }
 
@@ -108,6 +110,54 @@ impl Moment {
     }
 }
 
+/// The writes a late-write fault can strike (`late.<kind>`): a PUT that fails at the client
+/// (it returns a retryable error) and that the store commits anyway a few seconds later, the way
+/// a request that timed out at the client can still be applied (issue 11, part 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// A worker's raw file.
+    Raw,
+    /// A partitioner output in the table.
+    Table,
+    /// A partitioner watermark.
+    Watermark,
+    /// A compactor's merged file.
+    Merged,
+    /// A compactor's intent.
+    Intent,
+}
+
+impl WriteKind {
+    const ALL: [WriteKind; 5] =
+        [WriteKind::Raw, WriteKind::Table, WriteKind::Watermark, WriteKind::Merged, WriteKind::Intent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Raw => "raw",
+            WriteKind::Table => "table",
+            WriteKind::Watermark => "watermark",
+            WriteKind::Merged => "merged",
+            WriteKind::Intent => "intent",
+        }
+    }
+}
+
+/// How a late write is sent when it lands: as the writer sent it.
+pub(crate) enum Write<'a> {
+    /// [`LakeStore::put`] with this content type.
+    Plain(&'a str),
+    /// [`LakeStore::put_if_absent`].
+    IfAbsent,
+    /// [`LakeStore::put_conditional`] with this content type and precondition: a store that
+    /// honours preconditions checks it when the write lands, not when it was sent.
+    Conditional(&'a str, &'a Precondition),
+}
+
+/// The gauge of late writes struck and not landed yet (only exported when faults are set).
+pub const LATE_WRITES_PENDING: &str = "trstream_faults_late_writes_pending";
+/// The counter of late writes struck, by kind (only exported when faults are set).
+pub const LATE_WRITES: &str = "trstream_faults_late_writes_total";
+
 /// `TRSTREAM_FAULTS`: probabilities per pass through an injection point, from a seed.
 #[derive(Debug)]
 struct RandomFaults {
@@ -117,6 +167,9 @@ struct RandomFaults {
     /// is tested, not exhausted.
     panics_left: [AtomicU32; 4],
     kill: [f64; 3],
+    late: [f64; 5],
+    /// The longest a late write takes to land (it lands after half of this to all of it).
+    late_delay: Duration,
     /// Striking: from the start, or from the first SIGUSR1 (`arm=usr1`), so that a test can
     /// let the daemon settle (and measure its recovery) first.
     live: AtomicBool,
@@ -137,16 +190,20 @@ impl RandomFaults {
 
 impl Faults {
     /// Parses `TRSTREAM_FAULTS`: comma-separated `key=value`, where the keys are `seed` (u64),
-    /// `panic.<partition_worker|consumer_driver|partitioner|compactor>` and
-    /// `kill.<mid_buffer|mid_upload|after_upload>` (a probability per pass through the point,
-    /// 0 to 1), `panic.max` (panics per kind, default 3), and `arm` (`start`, the default, or
-    /// `usr1`: nothing strikes before the process receives SIGUSR1).
+    /// `panic.<partition_worker|consumer_driver|partitioner|compactor>`,
+    /// `kill.<mid_buffer|mid_upload|after_upload>` and `late.<raw|table|watermark|merged|intent>`
+    /// (a probability per pass through the point, 0 to 1), `panic.max` (panics per kind,
+    /// default 3), `late.delay_ms` (the longest a late write takes to land, default 3000), and
+    /// `arm` (`start`, the default, or `usr1`: nothing strikes before the process receives
+    /// SIGUSR1).
     pub fn from_spec(spec: &str) -> Result<Faults, String> {
         let mut random = RandomFaults {
             rng: Mutex::new(0),
             panic: [0.0; 4],
             panics_left: Default::default(),
             kill: [0.0; 3],
+            late: [0.0; 5],
+            late_delay: Duration::from_secs(3),
             live: AtomicBool::new(true),
             on_usr1: false,
         };
@@ -181,11 +238,18 @@ impl Faults {
                 key.strip_prefix("kill.").and_then(|k| Moment::ALL.iter().position(|x| x.as_str() == k))
             {
                 random.kill[i] = prob()?;
+            } else if key == "late.delay_ms" {
+                random.late_delay = Duration::from_millis(int()?);
+            } else if let Some(i) =
+                key.strip_prefix("late.").and_then(|k| WriteKind::ALL.iter().position(|x| x.as_str() == k))
+            {
+                random.late[i] = prob()?;
             } else {
                 return Err(format!(
-                    "{ENV}: unknown key {key:?} (expected seed, arm, panic.max, panic.<{}>, kill.<{}>)",
+                    "{ENV}: unknown key {key:?} (expected seed, arm, panic.max, panic.<{}>, kill.<{}>, late.<{}>, late.delay_ms)",
                     Kind::ALL.map(Kind::as_str).join("|"),
-                    Moment::ALL.map(Moment::as_str).join("|")
+                    Moment::ALL.map(Moment::as_str).join("|"),
+                    WriteKind::ALL.map(WriteKind::as_str).join("|")
                 ));
             }
         }
@@ -295,6 +359,64 @@ impl Faults {
             }));
         }
         Ok(())
+    }
+
+    /// Late writes struck and not landed yet.
+    pub fn late_writes_pending(&self) -> u32 {
+        self.late_pending.load(Ordering::Relaxed)
+    }
+
+    /// A late write of `kind` (`late.<kind>` in `TRSTREAM_FAULTS`): when one strikes, the write
+    /// of `body` under `key` is sent `how` a few seconds from now, and this returns the error
+    /// the writer sees now, as if its request had failed.
+    pub(crate) fn late_write(
+        &self,
+        kind: WriteKind,
+        store: &LakeStore,
+        key: &str,
+        body: &bytes::Bytes,
+        how: Write<'_>,
+    ) -> Result<(), StoreError> {
+        if !self.armed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Some(r) = self.random.as_ref().filter(|r| r.live.load(Ordering::Relaxed)) else { return Ok(()) };
+        let p = r.late[kind as usize];
+        if p == 0.0 || r.next() >= p {
+            return Ok(());
+        }
+        let delay = r.late_delay.mul_f64(0.5 + r.next() / 2.0);
+        metrics::counter!(LATE_WRITES, "kind" => kind.as_str()).increment(1);
+        let pending = self.late_pending.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(LATE_WRITES_PENDING).set(pending as f64);
+        tracing::warn!(kind = kind.as_str(), key, ?delay, "injected late write ({ENV}): fails now, lands later");
+        let (store, late_key, body) = (store.clone(), key.to_string(), body.clone());
+        let how = match how {
+            Write::Plain(ct) => (ct.to_string(), None, false),
+            Write::IfAbsent => (String::new(), None, true),
+            Write::Conditional(ct, pre) => (ct.to_string(), Some(pre.clone()), false),
+        };
+        let counter = self.late_pending.clone();
+        tokio::spawn(async move {
+            let key = late_key;
+            tokio::time::sleep(delay).await;
+            let landed = match how {
+                (_, None, true) => store.put_if_absent(&key, body).await.map(|o| format!("{o:?}")),
+                (ct, Some(pre), _) => store.put_conditional(&key, body, &ct, &pre).await.map(|o| format!("{o:?}")),
+                (ct, None, false) => store.put(&key, body, &ct).await.map(|()| "Written".to_string()),
+            };
+            let pending = counter.fetch_sub(1, Ordering::Relaxed) - 1;
+            metrics::gauge!(LATE_WRITES_PENDING).set(pending as f64);
+            match landed {
+                Ok(outcome) => tracing::warn!(key, outcome, "injected late write landed"),
+                Err(e) => tracing::warn!(key, error = %e, "injected late write did not land"),
+            }
+        });
+        Err(StoreError::Retryable {
+            op: "PutObject",
+            target: key.to_string(),
+            detail: format!("injected late write ({ENV}): the request fails here and lands in {delay:?}"),
+        })
     }
 
     /// A random panic of `kind` (`TRSTREAM_FAULTS`), at the point named `at`.

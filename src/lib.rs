@@ -5,7 +5,7 @@
 //! one daemon shares), [`ingest`] (IngestSupervisor, the consumer driver, partition workers, the
 //! DLQ), [`table`] (partitioner and compactor), [`lake`] (file names, Parquet, S3, table layout),
 //! [`record`] (the transaction and its validation), [`config`], [`metrics`], [`faults`] (tests
-//! only), and [`tools`], the user's commands beside the daemon (produce, audit, demo, bench,
+//! only), [`stall`] (notices a stopped process, for the fence), and [`tools`], the user's commands beside the daemon (produce, audit, demo, bench,
 //! embedded Kafka and S3).
 
 pub mod config;
@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod lake;
 pub mod metrics;
 pub mod record;
+pub mod stall;
 pub mod table;
 pub mod tools;
 

@@ -54,6 +54,7 @@ pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_to
 pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
 pub const ZOMBIE_WRITES_REFUSED: &str = "trstream_zombie_writes_refused_total";
 pub const PARTITIONS_FENCED: &str = "trstream_partitions_fenced_total";
+pub const PROCESS_STALLS: &str = "trstream_process_stalls_total";
 pub const PARTITIONS_STOPPED: &str = "trstream_partitions_stopped";
 pub const PARTITIONS_STOPPED_TOTAL: &str = "trstream_partitions_stopped_total";
 pub const STORE_CONDITIONAL_WRITES: &str = "trstream_store_conditional_writes";
@@ -145,6 +146,11 @@ fn describe() {
         Unit::Count,
         "Writes refused because another instance claimed the partition since this one did, by kind (raw, table, watermark, intent)."
     );
+    describe_counter!(
+        PROCESS_STALLS,
+        Unit::Count,
+        "Times the whole process was stopped or starved for over 250 ms (SIGSTOP, docker pause, a frozen VM); fences then ask the store for a session timeout."
+    );
     describe_gauge!(
         PARTITIONS_STOPPED,
         Unit::Count,
@@ -211,6 +217,7 @@ fn register() {
         TABLE_OVERLAPS_UNRESOLVED,
         PARTITIONS_FENCED,
         PARTITIONS_STOPPED_TOTAL,
+        PROCESS_STALLS,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -571,6 +571,61 @@ async fn a_partition_claimed_by_another_instance_is_written_no_more() {
     b.shutdown().await;
 }
 
+/// I9, the lease after a stall: a process that was stopped may wake while the group is moving
+/// its partitions, so the next owner's claim can come right after a check that still saw its
+/// own. With a 60 s session (a 20 s lease) and a stall noted just before the other instance's
+/// claim, the daemon's next write of the partition must still ask the store and be refused,
+/// instead of trusting its last check for 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_stall_no_write_trusts_the_lease() {
+    use trstream::lake::owners::{OwnerRecord, owner_key};
+    let mut h = Harness::new(2).await;
+    let mut config = h.lake_config();
+    config.kafka.session_timeout = Duration::from_secs(60);
+    let a = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(2_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    // The uploads just made checked the claim: the lease is fresh for 20 s.
+    let owner_path = h.dir.path().join("raw-data").join(owner_key(common::TOPIC, 0));
+    let mine: OwnerRecord = serde_json::from_slice(&std::fs::read(&owner_path).unwrap()).unwrap();
+    let p0_files: Vec<_> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
+    trstream::stall::Stalls::get().note();
+    let intruder =
+        OwnerRecord { epoch: mine.epoch + 1, instance: "intruder@elsewhere".into(), token: "intruder".into(), ..mine };
+    std::fs::write(&owner_path, serde_json::to_vec(&intruder).unwrap()).unwrap();
+    let stats = a.stats.clone();
+    h.produce(400);
+    wait_for("partition 0 fenced", DONE, || Stats::get(&stats.fenced_partitions) > 0).await;
+    let now: Vec<_> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
+    assert_eq!(now, p0_files, "no raw file of partition 0 written after the other claim");
+    a.shutdown().await;
+}
+
+/// I9, a late write: the merged file's PUT fails at the client (the merge is rolled back,
+/// its inputs stay) and the store applies it seconds later, beside those inputs. The compactor
+/// watches the Hive partition for that (and merges nothing more there meanwhile), so the next
+/// pass after the landing sees the overlap and repairs it: the table ends with each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_file_that_lands_after_its_merge_was_rolled_back_is_repaired() {
+    let mut h = Harness::new(1).await;
+    let config = h.lake_config();
+    let faults = Arc::new(Faults::from_spec("seed=7,late.merged=1,late.delay_ms=3000").unwrap());
+    let a = trstream::start(config.clone(), faults.clone()).await.unwrap();
+    for _ in 0..3 {
+        h.produce(500);
+        wait_for("the round committed", DONE, || h.all_committed(GROUP)).await;
+    }
+    wait_for("the partitioner to catch up", DONE, || h.partitioner_caught_up()).await;
+    let stats = a.stats.clone();
+    wait_for("a late merged file to land and be repaired", DONE, || {
+        faults.late_writes_pending() == 0 && Stats::get(&stats.overlaps_repaired) > 0
+    })
+    .await;
+    assert_eq!(Stats::get(&stats.compactions), 0, "every merge failed at the client, none completed");
+    assert_clean(&h, &h.audit(&config).await);
+    a.shutdown().await;
+}
+
 /// I9, conditional watermarks: a watermark written behind the partitioner's back (a zombie
 /// partitioner's, moved back) makes the partitioner's next watermark write fail its
 /// precondition instead of overwriting it unseen; the partitioner reads it again, writes again

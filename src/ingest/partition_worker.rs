@@ -18,7 +18,7 @@ use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::context::{PartitionBudget, PipelineCtx};
-use crate::faults::{Kind, Moment};
+use crate::faults::{Kind, Moment, Write, WriteKind};
 use crate::ingest::Consumer;
 use crate::ingest::dlq::DeadLetter;
 use crate::ingest::incarnation::WentBack;
@@ -477,7 +477,9 @@ impl PartitionWorkerState {
                 }
                 Err(FenceError::Store(e)) => Err(e),
             };
-            let put = match fence {
+            let put = match fence
+                .and_then(|()| self.ctx.faults.late_write(WriteKind::Raw, &self.ctx.store, key, &body, Write::IfAbsent))
+            {
                 Ok(()) => self.ctx.store.put_if_absent(key, body.clone()).await,
                 Err(e) => Err(e),
             };

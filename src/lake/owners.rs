@@ -12,7 +12,10 @@
 //! `session_timeout - heartbeat interval` after the member's last heartbeat, and librdkafka
 //! requires the heartbeat interval below the session timeout (Kafka's minimum session is 6 s, its
 //! default heartbeat 3 s), so a claim checked that recently cannot have been superseded yet.
-//! A process that was stopped finds, on waking, a check older than that and asks the store.
+//! A process that was stopped finds, on waking, a check older than that and asks the store; and
+//! since its session may have expired while it was stopped, so that the next owner may claim a
+//! moment after that check, it trusts no check for a session timeout after the stall
+//! ([`crate::stall`]): every write asks the store.
 //!
 //! What remains: a write whose check passed and that was then held up past the new owner's claim
 //! (a PUT in flight when the process froze, or a request that lands after its client gave up).

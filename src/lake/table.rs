@@ -332,6 +332,16 @@ pub fn plan_group(
     plan_merges(hive, files, small_bytes, target_bytes, min_files).into_iter().map(TablePlan::Merge).collect()
 }
 
+impl TablePlan {
+    /// A repair of overlapping files (I9), as opposed to a merge of small ones.
+    pub fn is_repair(&self) -> bool {
+        match self {
+            TablePlan::DropRedundant { .. } => true,
+            TablePlan::Merge(m) => m.repair,
+        }
+    }
+}
+
 /// Plans the merges of one (Hive partition, Kafka partition) group whose files do not overlap.
 ///
 /// `files` are the group's files with their sizes, all at or below the partitioner's watermark.

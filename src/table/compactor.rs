@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::context::PipelineCtx;
-use crate::faults::FaultPoint;
+use crate::faults::{FaultPoint, Write, WriteKind};
 use crate::lake::parquet;
 use crate::lake::table::{self, CompactionIntent, MergePlan, TableFile, TablePlan};
 use crate::lake::{CondPut, HivePartition, Precondition, WorkError};
@@ -42,6 +42,11 @@ const FULL_LISTING_ABOVE: usize = 64;
 /// The whole table is listed at least this often, so that an overlap in a Hive partition the
 /// partitioner no longer touches (a table file written late, I9) is repaired within this time.
 const FULL_LISTING_EVERY: Duration = Duration::from_secs(600);
+
+/// How long after a failed table write its Hive partition is watched for the write landing
+/// late (and not merged): a request that timed out at the client is applied, if at all, within
+/// seconds on the stores we know; this is far past that.
+pub const LATE_WRITES_WATCHED_FOR: Duration = Duration::from_secs(120);
 
 pub struct Compactor;
 
@@ -232,7 +237,12 @@ impl CompactorState {
             return Ok(());
         }
         self.ctx.stats.compaction_passes.fetch_add(1, Ordering::Relaxed);
-        let touched = self.ctx.take_touched(owned.iter().copied());
+        let mut touched = self.ctx.take_touched(owned.iter().copied());
+        // Hive partitions where a table write failed lately: it may still land (a late write,
+        // I9). Listed every pass, so what lands is repaired at the next one, and not merged:
+        // an input deleted by a merge would come back if its late copy landed afterwards.
+        let watched = self.ctx.watched_for_late_writes(&owned, LATE_WRITES_WATCHED_FOR);
+        touched.extend(watched.iter().map(|(h, _)| h.clone()));
         let full = owned.iter().any(|p| self.full_listing.contains(p))
             || touched.len() > FULL_LISTING_ABOVE
             || self.last_full_listing.elapsed() >= FULL_LISTING_EVERY;
@@ -277,14 +287,10 @@ impl CompactorState {
             }
         }
         self.set_gauges();
-        for ((hive, _), group) in groups {
-            self.plans.extend(table::plan_group(
-                &hive,
-                group,
-                cfg.small_file_bytes,
-                cfg.target_file_bytes,
-                cfg.min_files,
-            ));
+        for ((hive, p), group) in groups {
+            let plans = table::plan_group(&hive, group, cfg.small_file_bytes, cfg.target_file_bytes, cfg.min_files);
+            let repairs_only = watched.contains(&(hive, p));
+            self.plans.extend(plans.into_iter().filter(|plan| !repairs_only || plan.is_repair()));
         }
         if !self.plans.is_empty() {
             tracing::debug!(merges = self.plans.len(), full, touched = touched.len(), "compaction pass planned");
@@ -320,18 +326,20 @@ impl CompactorState {
             inputs: plan.inputs.iter().map(|i| i.1.clone()).collect(),
             created_at: chrono::Utc::now().to_rfc3339(),
         };
-        let body = serde_json::to_vec_pretty(&intent).expect("an intent serializes");
+        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&intent).expect("an intent serializes"));
         if self.ctx.conditional_writes.load(Ordering::Relaxed) {
             // An intent of this name exists: another writer's merge, or one of ours interrupted.
             // Recover the partition's intents before planning again (the caller does).
             let pre = Precondition::Absent;
-            if self.ctx.table.put_conditional(&intent_key, body.into(), "application/json", &pre).await?
-                == CondPut::Refused
-            {
+            let how = Write::Conditional("application/json", &pre);
+            self.ctx.faults.late_write(WriteKind::Intent, &self.ctx.table, &intent_key, &body, how)?;
+            if self.ctx.table.put_conditional(&intent_key, body, "application/json", &pre).await? == CondPut::Refused {
                 return Err(WorkError::Refused(format!("the intent {intent_key} exists already")));
             }
         } else {
-            self.ctx.table.put(&intent_key, body.into(), "application/json").await?;
+            let how = Write::Plain("application/json");
+            self.ctx.faults.late_write(WriteKind::Intent, &self.ctx.table, &intent_key, &body, how)?;
+            self.ctx.table.put(&intent_key, body, "application/json").await?;
         }
         self.ctx.faults.check(FaultPoint::CompactorAfterIntent)?;
 
@@ -371,8 +379,28 @@ impl CompactorState {
         .map_err(WorkError::Other)?;
         let (rows, bytes) = merged;
         let after = bytes.len() as u64;
-        self.ctx.table.put(&output_key, bytes.into(), "application/vnd.apache.parquet").await?;
+        // I9: checked again after the reads and the merge, which a stall may have held up past
+        // the lease, and again before the deletes.
+        self.ctx.check_fence(p).await?;
+        let bytes = bytes::Bytes::from(bytes);
+        const PARQUET: &str = "application/vnd.apache.parquet";
+        let put = match self.ctx.faults.late_write(
+            WriteKind::Merged,
+            &self.ctx.table,
+            &output_key,
+            &bytes,
+            Write::Plain(PARQUET),
+        ) {
+            Ok(()) => self.ctx.table.put(&output_key, bytes, PARQUET).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = put {
+            // It may land later, beside its inputs: the Hive partition is watched for that.
+            self.ctx.table_write_failed(p, [plan.hive.clone()]);
+            return Err(e.into());
+        }
         self.ctx.faults.check(FaultPoint::CompactorAfterOutput)?;
+        self.ctx.check_fence(p).await?;
 
         for (i, (_, key, _)) in plan.inputs.iter().enumerate() {
             if *key == output_key {
@@ -462,6 +490,7 @@ impl CompactorState {
         .await
         .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
         .map_err(WorkError::Other)?;
+        self.ctx.check_fence(p).await?;
         for (key, verdict) in checked {
             match verdict {
                 Ok(rows) => {

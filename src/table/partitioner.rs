@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::context::PipelineCtx;
-use crate::faults::FaultPoint;
+use crate::faults::{FaultPoint, Faults, Write, WriteKind};
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::parquet;
 use crate::lake::table::{self, RawSlice, Watermark};
-use crate::lake::{CondPut, Precondition, StoreError, WorkError};
+use crate::lake::{CondPut, LakeStore, Precondition, StoreError, WorkError};
 use crate::metrics as m;
 
 pub struct Partitioner;
@@ -465,27 +465,40 @@ async fn partition_file(
     .map_err(|e| WorkError::Other(format!("partitioner task failed: {e}")))?
     .map_err(WorkError::Other)?;
 
+    // I9: the check above may be older than the work since (a stall while decoding or
+    // encoding): checked again right before the first write, and again before the watermark.
+    ctx.check_fence(p).await?;
     let files = outputs.len();
     let rows: usize = outputs.iter().map(|o| o.2).sum();
     let hives: Vec<_> = outputs.iter().map(|o| o.0.clone()).collect();
     // The outputs are independent objects: PUT them concurrently (one per Hive partition,
-    // a handful per file). The watermark waits for all of them.
-    let mut outputs = outputs.into_iter();
-    if let Some((_, key, _, bytes)) = outputs.next() {
-        ctx.table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await?;
-        ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput)?;
+    // a handful per file). The watermark waits for all of them. A failed PUT may still land
+    // later: the compactor is told to leave those Hive partitions alone for a while.
+    let written = async {
+        let mut outputs = outputs.into_iter();
+        if let Some((_, key, _, bytes)) = outputs.next() {
+            put_output(&ctx.table, &ctx.faults, key, bytes.into()).await?;
+            ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput)?;
+        }
+        let mut puts = tokio::task::JoinSet::new();
+        for (_, key, _, bytes) in outputs {
+            let (table, faults) = (ctx.table.clone(), ctx.faults.clone());
+            puts.spawn(async move { put_output(&table, &faults, key, bytes.into()).await });
+        }
+        while let Some(res) = puts.join_next().await {
+            res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
+        }
+        Ok::<(), WorkError>(())
     }
-    let mut puts = tokio::task::JoinSet::new();
-    for (_, key, _, bytes) in outputs {
-        let table = ctx.table.clone();
-        puts.spawn(async move {
-            table.put(&key, bytes::Bytes::from(bytes), "application/vnd.apache.parquet").await.map(|_| ())
-        });
-    }
-    while let Some(res) = puts.join_next().await {
-        res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
+    .await;
+    if let Err(e) = written {
+        if matches!(e, WorkError::Store(_)) {
+            ctx.table_write_failed(p, hives.iter().cloned());
+        }
+        return Err(e);
     }
     ctx.faults.check(FaultPoint::PartitionerBeforeWatermark)?;
+    ctx.check_fence(p).await?;
     let wm = Watermark {
         topic: name.topic.clone(),
         partition: p,
@@ -495,8 +508,14 @@ async fn partition_file(
     };
     let body = serde_json::to_vec_pretty(&wm).expect("a watermark serializes");
     let wm_key = table::watermark_key(&name.topic, p);
+    let body = bytes::Bytes::from(body);
+    let how = match &pre {
+        Some(pre) => Write::Conditional("application/json", pre),
+        None => Write::Plain("application/json"),
+    };
+    ctx.faults.late_write(WriteKind::Watermark, &ctx.table, &wm_key, &body, how)?;
     let new_etag = if let Some(pre) = pre {
-        match ctx.table.put_conditional(&wm_key, body.into(), "application/json", &pre).await? {
+        match ctx.table.put_conditional(&wm_key, body, "application/json", &pre).await? {
             CondPut::Written(etag) => etag,
             CondPut::Refused => {
                 return Err(WorkError::Refused(format!(
@@ -505,7 +524,7 @@ async fn partition_file(
             }
         }
     } else {
-        ctx.table.put(&wm_key, body.into(), "application/json").await?;
+        ctx.table.put(&wm_key, body, "application/json").await?;
         None
     };
     ctx.faults.check(FaultPoint::PartitionerAfterWatermark)?;
@@ -518,6 +537,13 @@ async fn partition_file(
     metrics::counter!(m::PARTITIONER_OUTPUT_FILES).increment(files as u64);
     tracing::debug!(partition = p, file = %name, from, rows, outputs = files, elapsed = ?started.elapsed(), "partitioned");
     Ok(Some(new_etag))
+}
+
+/// One table file of a slice.
+async fn put_output(table: &LakeStore, faults: &Faults, key: String, bytes: bytes::Bytes) -> Result<(), WorkError> {
+    const PARQUET: &str = "application/vnd.apache.parquet";
+    faults.late_write(WriteKind::Table, table, &key, &bytes, Write::Plain(PARQUET))?;
+    Ok(table.put(&key, bytes, PARQUET).await?)
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
