@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::context::PipelineCtx;
-use crate::faults::{FaultPoint, Faults, Write, WriteKind};
+use crate::faults::{FaultPoint, Write, WriteKind};
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::parquet;
 use crate::lake::table::{self, RawSlice, Watermark};
-use crate::lake::{CondPut, LakeStore, Precondition, StoreError, WorkError};
+use crate::lake::{CondPut, Precondition, StoreError, WorkError};
 use crate::metrics as m;
 
 pub struct Partitioner;
@@ -423,7 +423,7 @@ async fn list_after_watermark(
 /// given). `Ok(Some(etag))`: done, the new watermark's ETag; `Ok(None)`: the raw file is gone
 /// (the partition must be listed again).
 async fn partition_file(
-    ctx: &PipelineCtx,
+    ctx: &Arc<PipelineCtx>,
     p: i32,
     slice: &RawSlice,
     pre: Option<Precondition>,
@@ -474,28 +474,18 @@ async fn partition_file(
     // The outputs are independent objects: PUT them concurrently (one per Hive partition,
     // a handful per file). The watermark waits for all of them. A failed PUT may still land
     // later: the compactor is told to leave those Hive partitions alone for a while.
-    let written = async {
-        let mut outputs = outputs.into_iter();
-        if let Some((_, key, _, bytes)) = outputs.next() {
-            put_output(&ctx.table, &ctx.faults, key, bytes.into()).await?;
-            ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput)?;
-        }
-        let mut puts = tokio::task::JoinSet::new();
-        for (_, key, _, bytes) in outputs {
-            let (table, faults) = (ctx.table.clone(), ctx.faults.clone());
-            puts.spawn(async move { put_output(&table, &faults, key, bytes.into()).await });
-        }
-        while let Some(res) = puts.join_next().await {
-            res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
-        }
-        Ok::<(), WorkError>(())
+    let mut outputs = outputs.into_iter();
+    if let Some((hive, key, _, bytes)) = outputs.next() {
+        put_output(ctx, p, hive, key, bytes.into()).await?;
+        ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput)?;
     }
-    .await;
-    if let Err(e) = written {
-        if matches!(e, WorkError::Store(_)) {
-            ctx.table_write_failed(p, hives.iter().cloned());
-        }
-        return Err(e);
+    let mut puts = tokio::task::JoinSet::new();
+    for (hive, key, _, bytes) in outputs {
+        let ctx = ctx.clone();
+        puts.spawn(async move { put_output(&ctx, p, hive, key, bytes.into()).await });
+    }
+    while let Some(res) = puts.join_next().await {
+        res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
     }
     ctx.faults.check(FaultPoint::PartitionerBeforeWatermark)?;
     ctx.check_fence(p).await?;
@@ -539,11 +529,22 @@ async fn partition_file(
     Ok(Some(new_etag))
 }
 
-/// One table file of a slice.
-async fn put_output(table: &LakeStore, faults: &Faults, key: String, bytes: bytes::Bytes) -> Result<(), WorkError> {
+/// One table file of a slice. A failed PUT may still land later: the compactor is told to
+/// leave its Hive partition alone for a while.
+async fn put_output(
+    ctx: &PipelineCtx,
+    p: i32,
+    hive: table::HivePartition,
+    key: String,
+    bytes: bytes::Bytes,
+) -> Result<(), WorkError> {
     const PARQUET: &str = "application/vnd.apache.parquet";
-    faults.late_write(WriteKind::Table, table, &key, &bytes, Write::Plain(PARQUET))?;
-    Ok(table.put(&key, bytes, PARQUET).await?)
+    let put = match ctx.faults.late_write(WriteKind::Table, &ctx.table, &key, &bytes, Write::Plain(PARQUET)) {
+        Ok(()) => ctx.table.put(&key, bytes, PARQUET).await,
+        Err(e) => Err(e),
+    };
+    put.inspect_err(|_| ctx.table_write_failed(p, [hive]))?;
+    Ok(())
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
