@@ -310,6 +310,11 @@ pub struct CompactorConfig {
     pub target_file_bytes: u64,
     /// Merge a Hive partition's small files (of one Kafka partition) once there are this many.
     pub min_files: usize,
+    /// After a table write failed (it may still be applied by the store: a late write, I9),
+    /// for this long the files under its offsets are not merged and its Hive partition is
+    /// listed every pass, so what lands is repaired.
+    #[serde(with = "humantime_serde")]
+    pub late_write_window: Duration,
 }
 
 impl Default for CompactorConfig {
@@ -320,6 +325,7 @@ impl Default for CompactorConfig {
             small_file_bytes: 32 << 20,
             target_file_bytes: 128 << 20,
             min_files: 8,
+            late_write_window: Duration::from_secs(120),
         }
     }
 }

@@ -49,7 +49,7 @@ pub struct PipelineCtx {
     touched: Mutex<BTreeMap<i32, BTreeSet<HivePartition>>>,
     /// Table writes that failed and may still land (I9's late writes): when, per Hive
     /// partition and Kafka partition. The compactor watches those Hive partitions for a while.
-    failed_writes: Mutex<HashMap<(HivePartition, i32), Instant>>,
+    failed_writes: Mutex<HashMap<(HivePartition, RawFileName), Instant>>,
     /// This instance's claims (I9): per Kafka partition, the epoch it wrote into the owner record
     /// and when it last saw it current.
     claims: Mutex<HashMap<i32, Claim>>,
@@ -153,20 +153,38 @@ impl PipelineCtx {
 
     /// A table write of Kafka partition `p` in these Hive partitions failed: the store may
     /// still apply it later.
-    pub fn table_write_failed(&self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
-        let now = Instant::now();
-        let mut failed = self.failed_writes.lock().unwrap();
-        for h in hives {
-            failed.insert((h, p), now);
-        }
+    pub fn table_write_failed(&self, p: i32, hive: HivePartition, file: &RawFileName) {
+        debug_assert_eq!(file.partition, p);
+        self.failed_writes.lock().unwrap().insert((hive, file.clone()), Instant::now());
     }
 
-    /// The (Hive partition, Kafka partition) pairs of `parts` where a table write failed within
-    /// the last `window`; older ones are forgotten.
-    pub fn watched_for_late_writes(&self, parts: &BTreeSet<i32>, window: Duration) -> BTreeSet<(HivePartition, i32)> {
+    /// Per (Hive partition, Kafka partition) of `parts`, the offset ranges of the table writes
+    /// that failed within the last `window`; older ones are forgotten (and their Hive
+    /// partitions touched, so that the compactor lists them once more).
+    pub fn watched_for_late_writes(
+        &self,
+        parts: &BTreeSet<i32>,
+        window: Duration,
+    ) -> BTreeMap<(HivePartition, i32), Vec<(i64, i64)>> {
         let mut failed = self.failed_writes.lock().unwrap();
-        failed.retain(|_, at| at.elapsed() < window);
-        failed.keys().filter(|(_, p)| parts.contains(p)).cloned().collect()
+        let mut expired = Vec::new();
+        failed.retain(|(hive, f), at| {
+            let keep = at.elapsed() < window;
+            if !keep {
+                expired.push((f.partition, hive.clone()));
+            }
+            keep
+        });
+        let mut watched: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for (hive, f) in failed.keys().filter(|(_, f)| parts.contains(&f.partition)) {
+            watched.entry((hive.clone(), f.partition)).or_default().push((f.first_offset, f.last_offset));
+        }
+        drop(failed);
+        // Their files may be merged again: listed once more, by the next pass.
+        for (p, hive) in expired {
+            self.touch(p, [hive]);
+        }
+        watched
     }
 
     /// The Hive partitions touched in `parts` since the last call, forgotten here.
@@ -239,7 +257,13 @@ impl PipelineCtx {
             };
             match written {
                 CondPut::Written(_) => {
-                    let claim = Claim { epoch: record.epoch, token: record.token, checked: Instant::now(), topic_id };
+                    let claim = Claim {
+                        epoch: record.epoch,
+                        token: record.token,
+                        checked: Instant::now(),
+                        topic_id,
+                        revoked: false,
+                    };
                     self.claims.lock().unwrap().insert(p, claim);
                     tracing::debug!(partition = p, epoch = record.epoch, "claimed");
                     return Ok(ClaimOutcome::Claimed(record.epoch));
@@ -254,7 +278,7 @@ impl PipelineCtx {
         })
     }
 
-    /// The next [`PipelineCtx::check_fence`] of each of `parts` asks the store, whatever the
+    /// Every later [`PipelineCtx::check_fence`] of each of `parts` asks the store, whatever the
     /// lease: a revoke hands them over, and a group that assigns them on before every member has
     /// let go (seen with Tansu) lets the new owner claim them first.
     pub fn expire_leases(&self, parts: &[i32]) {
@@ -263,6 +287,7 @@ impl PipelineCtx {
         for p in parts {
             if let Some(c) = claims.get_mut(p) {
                 c.checked = Instant::now().checked_sub(lease).unwrap_or(c.checked);
+                c.revoked = true;
             }
         }
     }
@@ -286,16 +311,28 @@ impl PipelineCtx {
     /// so that nothing of this instance writes `p` again until it is assigned `p` again.
     pub async fn check_fence(&self, p: i32) -> Result<(), FenceError> {
         let lease = self.config.kafka.session_timeout / 3;
+        let stalls = crate::stall::Stalls::get();
         // After a stall the group may be moving the partition right now: no lease (crate::stall).
-        let trusted = !crate::stall::Stalls::get().recent(self.config.kafka.session_timeout);
+        let trusted = !stalls.recent(self.config.kafka.session_timeout);
         let (mine, token, topic_id) = match self.claims.lock().unwrap().get(&p) {
             None => return Err(FenceError::Unclaimed(p)),
-            Some(c) if trusted && c.checked.elapsed() < lease => return Ok(()),
+            Some(c) if trusted && !c.revoked && c.checked.elapsed() < lease => return Ok(()),
             Some(c) => (c.epoch, c.token.clone(), c.topic_id),
         };
         let key = owners::owner_key(&self.config.lake_topic(), p);
-        let sent = Instant::now();
-        let current = self.store.get_opt(&key).await?.map(|body| serde_json::from_slice::<OwnerRecord>(&body).ok());
+        // An answer read after a stall that began once it was sent may be stale by the time it
+        // is used: asked again (a few times; then it is used, the write's own risk).
+        let (mut sent, mut current);
+        let mut asks = 0;
+        loop {
+            let mark = stalls.mark();
+            sent = Instant::now();
+            current = self.store.get_opt(&key).await?.map(|body| serde_json::from_slice::<OwnerRecord>(&body).ok());
+            asks += 1;
+            if !stalls.since(mark) || asks >= 3 {
+                break;
+            }
+        }
         let mut claims = self.claims.lock().unwrap();
         // Only the claim this check was about: a newer one of this instance (assigned `p` again
         // meanwhile) is left alone.
@@ -368,6 +405,9 @@ struct Claim {
     /// epoch; the token tells them apart.
     token: String,
     checked: Instant,
+    /// The partition was revoked: its next owner may claim it at any moment, so every check of
+    /// this claim asks the store (a revoke's drain and the table actors' last unit).
+    revoked: bool,
 }
 
 /// Asks `actor` (if running) to let go of `parts` and waits up to `timeout_ms` for its answer.

@@ -170,6 +170,8 @@ struct RandomFaults {
     late: [f64; 5],
     /// The longest a late write takes to land (it lands after half of this to all of it).
     late_delay: Duration,
+    /// Late writes that may still strike (`late.max`).
+    late_left: AtomicU32,
     /// Striking: from the start, or from the first SIGUSR1 (`arm=usr1`), so that a test can
     /// let the daemon settle (and measure its recovery) first.
     live: AtomicBool,
@@ -193,7 +195,8 @@ impl Faults {
     /// `panic.<partition_worker|consumer_driver|partitioner|compactor>`,
     /// `kill.<mid_buffer|mid_upload|after_upload>` and `late.<raw|table|watermark|merged|intent>`
     /// (a probability per pass through the point, 0 to 1), `panic.max` (panics per kind,
-    /// default 3), `late.delay_ms` (the longest a late write takes to land, default 3000), and
+    /// default 3), `late.delay_ms` (the longest a late write takes to land, default 3000),
+    /// `late.max` (late writes in all, default no limit), and
     /// `arm` (`start`, the default, or `usr1`: nothing strikes before the process receives
     /// SIGUSR1).
     pub fn from_spec(spec: &str) -> Result<Faults, String> {
@@ -204,6 +207,7 @@ impl Faults {
             kill: [0.0; 3],
             late: [0.0; 5],
             late_delay: Duration::from_secs(3),
+            late_left: AtomicU32::new(u32::MAX),
             live: AtomicBool::new(true),
             on_usr1: false,
         };
@@ -238,6 +242,8 @@ impl Faults {
                 key.strip_prefix("kill.").and_then(|k| Moment::ALL.iter().position(|x| x.as_str() == k))
             {
                 random.kill[i] = prob()?;
+            } else if key == "late.max" {
+                random.late_left.store(u32::try_from(int()?).unwrap_or(u32::MAX), Ordering::Relaxed);
             } else if key == "late.delay_ms" {
                 random.late_delay = Duration::from_millis(int()?);
             } else if let Some(i) =
@@ -246,7 +252,7 @@ impl Faults {
                 random.late[i] = prob()?;
             } else {
                 return Err(format!(
-                    "{ENV}: unknown key {key:?} (expected seed, arm, panic.max, panic.<{}>, kill.<{}>, late.<{}>, late.delay_ms)",
+                    "{ENV}: unknown key {key:?} (expected seed, arm, panic.max, panic.<{}>, kill.<{}>, late.<{}>, late.delay_ms, late.max)",
                     Kind::ALL.map(Kind::as_str).join("|"),
                     Moment::ALL.map(Moment::as_str).join("|"),
                     WriteKind::ALL.map(WriteKind::as_str).join("|")
@@ -382,7 +388,10 @@ impl Faults {
         }
         let Some(r) = self.random.as_ref().filter(|r| r.live.load(Ordering::Relaxed)) else { return Ok(()) };
         let p = r.late[kind as usize];
-        if p == 0.0 || r.next() >= p {
+        if p == 0.0
+            || r.next() >= p
+            || r.late_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err()
+        {
             return Ok(());
         }
         let delay = r.late_delay.mul_f64(0.5 + r.next() / 2.0);

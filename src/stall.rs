@@ -31,6 +31,8 @@ pub struct Stalls {
     last_tick: AtomicU64,
     /// Nanoseconds from `origin` of the end of the last stall (0: none seen).
     last_stall_end: AtomicU64,
+    /// Stalls seen so far.
+    count: AtomicU64,
 }
 
 impl Stalls {
@@ -42,6 +44,7 @@ impl Stalls {
                 origin: Instant::now(),
                 last_tick: AtomicU64::new(0),
                 last_stall_end: AtomicU64::new(0),
+                count: AtomicU64::new(0),
             }));
             std::thread::Builder::new()
                 .name("trstream-stall-watch".into())
@@ -65,6 +68,7 @@ impl Stalls {
         let gap = Duration::from_nanos(now.saturating_sub(self.last_tick.swap(now, Ordering::Relaxed)));
         if gap > STALL {
             self.last_stall_end.store(now, Ordering::Relaxed);
+            self.count.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::PROCESS_STALLS).increment(1);
             tracing::warn!(
                 stalled_ms = gap.as_millis() as u64,
@@ -77,15 +81,30 @@ impl Stalls {
     /// stop their own process).
     pub fn note(&self) {
         self.last_stall_end.store(self.now().max(1), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An opaque mark: [`Stalls::since`] tells whether the process stalled after it was taken
+    /// (or is stalled now, as far as the watch knows).
+    pub fn mark(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether the process stalled since `mark` was taken, or its watch is overdue now.
+    pub fn since(&self, mark: u64) -> bool {
+        self.overdue() || self.count.load(Ordering::Relaxed) != mark
+    }
+
+    fn overdue(&self) -> bool {
+        Duration::from_nanos(self.now().saturating_sub(self.last_tick.load(Ordering::Relaxed))) > STALL
     }
 
     /// Whether the process stalled within the last `window`, or is in a stall the watch has
     /// not woken from yet (its last wake-up is overdue).
     pub fn recent(&self, window: Duration) -> bool {
         let now = self.now();
-        let overdue = Duration::from_nanos(now.saturating_sub(self.last_tick.load(Ordering::Relaxed))) > STALL;
         let end = self.last_stall_end.load(Ordering::Relaxed);
-        overdue || (end > 0 && Duration::from_nanos(now - end.min(now)) < window)
+        self.overdue() || (end > 0 && Duration::from_nanos(now - end.min(now)) < window)
     }
 }
 
@@ -94,7 +113,12 @@ mod tests {
     use super::*;
 
     fn watch() -> Stalls {
-        Stalls { origin: Instant::now(), last_tick: AtomicU64::new(0), last_stall_end: AtomicU64::new(0) }
+        Stalls {
+            origin: Instant::now(),
+            last_tick: AtomicU64::new(0),
+            last_stall_end: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
     }
 
     #[test]
@@ -108,5 +132,10 @@ mod tests {
         w.tick();
         assert!(w.recent(Duration::from_secs(60)), "within the window after it");
         assert!(!w.recent(Duration::ZERO), "not after the window");
+        let mark = w.mark();
+        w.tick();
+        assert!(!w.since(mark), "no stall since the mark");
+        w.note();
+        assert!(w.since(mark), "a stall since the mark");
     }
 }

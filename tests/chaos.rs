@@ -127,6 +127,8 @@ impl Scenario {
         config.partitioner.scan_interval = Duration::from_secs(1);
         config.compactor.interval = Duration::from_millis(500);
         config.compactor.min_files = 2;
+        // Past the longest late write injected (4 s).
+        config.compactor.late_write_window = Duration::from_secs(10);
         config.validation.max_record_bytes = 4096;
         config.validate().expect("chaos config is valid");
         Scenario {

@@ -601,27 +601,31 @@ async fn after_a_stall_no_write_trusts_the_lease() {
     a.shutdown().await;
 }
 
-/// I9, a late write: the merged file's PUT fails at the client (the merge is rolled back,
-/// its inputs stay) and the store applies it seconds later, beside those inputs. The compactor
-/// watches the Hive partition for that (and merges nothing more there meanwhile), so the next
-/// pass after the landing sees the overlap and repairs it: the table ends with each row once.
+/// I9, a late write: one merged file's PUT fails at the client (the merge is rolled back, its
+/// inputs stay) and the store applies it seconds later. Meanwhile more files arrive, so a merge
+/// planned again would take other inputs under another name and the late file would land
+/// beside it, covered by nothing; and the same merge planned again would delete inputs the
+/// late file's rows are in. The compactor merges none of the files under the failed write's
+/// offsets while it may land, lists the Hive partition every pass, and repairs the overlap once
+/// it has: the table ends with each row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merged_file_that_lands_after_its_merge_was_rolled_back_is_repaired() {
     let mut h = Harness::new(1).await;
     let config = h.lake_config();
-    let faults = Arc::new(Faults::from_spec("seed=7,late.merged=1,late.delay_ms=3000").unwrap());
+    let faults = Arc::new(Faults::from_spec("seed=7,late.merged=1,late.max=1,late.delay_ms=3000").unwrap());
     let a = trstream::start(config.clone(), faults.clone()).await.unwrap();
-    for _ in 0..3 {
+    let stats = a.stats.clone();
+    while faults.late_writes_pending() == 0 {
         h.produce(500);
         wait_for("the round committed", DONE, || h.all_committed(GROUP)).await;
     }
+    // Files arrive while the merged file is on its way.
+    while faults.late_writes_pending() > 0 {
+        h.produce(200);
+        wait_for("the round committed", DONE, || h.all_committed(GROUP)).await;
+    }
     wait_for("the partitioner to catch up", DONE, || h.partitioner_caught_up()).await;
-    let stats = a.stats.clone();
-    wait_for("a late merged file to land and be repaired", DONE, || {
-        faults.late_writes_pending() == 0 && Stats::get(&stats.overlaps_repaired) > 0
-    })
-    .await;
-    assert_eq!(Stats::get(&stats.compactions), 0, "every merge failed at the client, none completed");
+    wait_for("the late merged file repaired", DONE, || Stats::get(&stats.overlaps_repaired) > 0).await;
     assert_clean(&h, &h.audit(&config).await);
     a.shutdown().await;
 }

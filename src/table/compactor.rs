@@ -43,11 +43,6 @@ const FULL_LISTING_ABOVE: usize = 64;
 /// partitioner no longer touches (a table file written late, I9) is repaired within this time.
 const FULL_LISTING_EVERY: Duration = Duration::from_secs(600);
 
-/// How long after a failed table write its Hive partition is watched for the write landing
-/// late (and not merged): a request that timed out at the client is applied, if at all, within
-/// seconds on the stores we know; this is far past that.
-pub const LATE_WRITES_WATCHED_FOR: Duration = Duration::from_secs(120);
-
 pub struct Compactor;
 
 pub enum CompactorMsg {
@@ -239,10 +234,12 @@ impl CompactorState {
         self.ctx.stats.compaction_passes.fetch_add(1, Ordering::Relaxed);
         let mut touched = self.ctx.take_touched(owned.iter().copied());
         // Hive partitions where a table write failed lately: it may still land (a late write,
-        // I9). Listed every pass, so what lands is repaired at the next one, and not merged:
-        // an input deleted by a merge would come back if its late copy landed afterwards.
-        let watched = self.ctx.watched_for_late_writes(&owned, LATE_WRITES_WATCHED_FOR);
-        touched.extend(watched.iter().map(|(h, _)| h.clone()));
+        // I9). Listed every pass, so what lands is repaired at the next one; the files whose
+        // offsets it covers are not merged meanwhile: an input deleted by a merge would come
+        // back if its late copy landed afterwards, and a late merged file would land beside a
+        // merge of its own inputs.
+        let watched = self.ctx.watched_for_late_writes(&owned, cfg.late_write_window);
+        touched.extend(watched.keys().map(|(h, _)| h.clone()));
         let full = owned.iter().any(|p| self.full_listing.contains(p))
             || touched.len() > FULL_LISTING_ABOVE
             || self.last_full_listing.elapsed() >= FULL_LISTING_EVERY;
@@ -289,8 +286,14 @@ impl CompactorState {
         self.set_gauges();
         for ((hive, p), group) in groups {
             let plans = table::plan_group(&hive, group, cfg.small_file_bytes, cfg.target_file_bytes, cfg.min_files);
-            let repairs_only = watched.contains(&(hive, p));
-            self.plans.extend(plans.into_iter().filter(|plan| !repairs_only || plan.is_repair()));
+            let ranges = watched.get(&(hive, p)).map_or(&[][..], Vec::as_slice);
+            let overlaps_watched = |f: &TableFile| {
+                ranges.iter().any(|&(first, last)| f.0.first_offset <= last && first <= f.0.last_offset)
+            };
+            self.plans.extend(plans.into_iter().filter(|plan| match plan {
+                TablePlan::Merge(m) if !m.repair => !m.inputs.iter().any(overlaps_watched),
+                _ => true,
+            }));
         }
         if !self.plans.is_empty() {
             tracing::debug!(merges = self.plans.len(), full, touched = touched.len(), "compaction pass planned");
@@ -396,7 +399,7 @@ impl CompactorState {
         };
         if let Err(e) = put {
             // It may land later, beside its inputs: the Hive partition is watched for that.
-            self.ctx.table_write_failed(p, [plan.hive.clone()]);
+            self.ctx.table_write_failed(p, plan.hive.clone(), &plan.output_name());
             return Err(e.into());
         }
         self.ctx.faults.check(FaultPoint::CompactorAfterOutput)?;
@@ -407,6 +410,7 @@ impl CompactorState {
                 // plan_group never plans this; a merge never deletes its own output (I9).
                 continue;
             }
+            self.ctx.check_fence(p).await?;
             self.ctx.table.delete(key).await?;
             if i == 0 {
                 self.ctx.faults.check(FaultPoint::CompactorMidDeletes)?;
@@ -494,6 +498,7 @@ impl CompactorState {
         for (key, verdict) in checked {
             match verdict {
                 Ok(rows) => {
+                    self.ctx.check_fence(p).await?;
                     self.ctx.table.delete(&key).await?;
                     self.ctx.stats.overlaps_repaired.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::TABLE_OVERLAPS_REPAIRED).increment(1);
@@ -538,6 +543,11 @@ impl CompactorState {
                 }
                 "completed"
             } else {
+                // Its merged file may still land (a late write, or the PUT of an owner that
+                // stalled mid-merge): watched, so that it is repaired if it does.
+                if let Some((hive, name)) = HivePartition::parse_key(&intent.output) {
+                    self.ctx.table_write_failed(p, hive, &name);
+                }
                 "rolled_back"
             };
             self.ctx.table.delete(&key).await?;

@@ -398,7 +398,7 @@ struct Scan {
     queue: VecDeque<RawSlice>,
 }
 
-/// Reads the watermark unless `known`, then lists the raw files of `p` from its floor and
+/// Reads the watermark (restoring `known` if it moved back, I9), then lists the raw files of `p` from its floor and
 /// returns what is left to partition: whole files past the watermark, and the part above it of
 /// one that straddles it (I9).
 async fn list_after_watermark(
@@ -407,10 +407,36 @@ async fn list_after_watermark(
     known: Option<(Option<Mark>, Option<String>)>,
 ) -> Result<Scan, WorkError> {
     let topic = &ctx.config.lake_topic();
-    let (watermark, etag) = match known {
-        Some(w) => w,
-        None => read_watermark_mark(ctx, topic, p).await?,
+    let conditional = ctx.conditional_writes.load(Ordering::Relaxed);
+    let in_memory = known.as_ref().and_then(|k| k.0);
+    let (mut watermark, mut etag) = match known {
+        // Where writes are conditional, the next one is refused if it moved.
+        Some(w) if conditional => w,
+        _ => read_watermark_mark(ctx, topic, p).await?,
     };
+    if let Some(mine) = in_memory
+        && !conditional
+        && watermark.is_none_or(|w| w.last < mine.last)
+    {
+        // Moved back behind this partitioner's back: a late write of its own, or a zombie's,
+        // on a store that ignores If-Match (Garage; elsewhere the next write is refused and the
+        // partitioner reads it again). Put this partitioner's back, or it would stay back at
+        // rest, the files above it partitioned again by the next owner and its overlaps left
+        // unrepaired (the compactor takes only files at or below the watermark).
+        tracing::warn!(partition = p, stored = ?watermark.map(|w| w.last), mine = mine.last, "the watermark moved back; restoring it");
+        ctx.check_fence(p).await?;
+        let raw = RawFileName { topic: topic.clone(), partition: p, first_offset: mine.floor, last_offset: mine.last };
+        let wm = Watermark {
+            topic: topic.clone(),
+            partition: p,
+            last_offset: mine.last,
+            raw_file: raw.key(&ctx.config.s3.raw_prefix),
+            updated_at: chrono::Utc::now().to_rfc3339(),
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec_pretty(&wm).expect("a watermark serializes"));
+        ctx.table.put(&table::watermark_key(topic, p), body, "application/json").await?;
+        (watermark, etag) = (Some(mine), None);
+    }
     let raw_prefix = &ctx.config.s3.raw_prefix;
     let floor = watermark.map_or(0, |w| w.floor);
     let marker = keys::start_after_for(raw_prefix, topic, p, floor);
@@ -474,15 +500,16 @@ async fn partition_file(
     // The outputs are independent objects: PUT them concurrently (one per Hive partition,
     // a handful per file). The watermark waits for all of them. A failed PUT may still land
     // later: the compactor is told to leave those Hive partitions alone for a while.
+    let out_name = slice.output_name();
     let mut outputs = outputs.into_iter();
     if let Some((hive, key, _, bytes)) = outputs.next() {
-        put_output(ctx, p, hive, key, bytes.into()).await?;
+        put_output(ctx, p, hive, &out_name, key, bytes.into()).await?;
         ctx.faults.check(FaultPoint::PartitionerAfterFirstOutput)?;
     }
     let mut puts = tokio::task::JoinSet::new();
     for (hive, key, _, bytes) in outputs {
-        let ctx = ctx.clone();
-        puts.spawn(async move { put_output(&ctx, p, hive, key, bytes.into()).await });
+        let (ctx, out_name) = (ctx.clone(), out_name.clone());
+        puts.spawn(async move { put_output(&ctx, p, hive, &out_name, key, bytes.into()).await });
     }
     while let Some(res) = puts.join_next().await {
         res.map_err(|e| WorkError::Other(format!("partitioner upload task failed: {e}")))??;
@@ -535,15 +562,18 @@ async fn put_output(
     ctx: &PipelineCtx,
     p: i32,
     hive: table::HivePartition,
+    name: &RawFileName,
     key: String,
     bytes: bytes::Bytes,
 ) -> Result<(), WorkError> {
     const PARQUET: &str = "application/vnd.apache.parquet";
+    // I9: each output checked right before its PUT (the ones after the first wait for it).
+    ctx.check_fence(p).await?;
     let put = match ctx.faults.late_write(WriteKind::Table, &ctx.table, &key, &bytes, Write::Plain(PARQUET)) {
         Ok(()) => ctx.table.put(&key, bytes, PARQUET).await,
         Err(e) => Err(e),
     };
-    put.inspect_err(|_| ctx.table_write_failed(p, [hive]))?;
+    put.inspect_err(|_| ctx.table_write_failed(p, hive, name))?;
     Ok(())
 }
 

@@ -70,6 +70,9 @@ impl Harness {
         c.partitioner.scan_interval = Duration::from_secs(1);
         c.compactor.interval = Duration::from_millis(300);
         c.compactor.min_files = 2;
+        // Long enough for the late writes the tests inject (a few seconds), short enough that a
+        // rolled-back merge does not hold compaction up for long.
+        c.compactor.late_write_window = Duration::from_secs(5);
         c.compactor.small_file_bytes = 64 << 20;
         c.compactor.target_file_bytes = 256 << 20;
         c.validate().expect("test config is valid");
