@@ -273,13 +273,16 @@ impl Scenario {
                 daemon.metric(trstream::faults::LATE_WRITES_PENDING).unwrap_or(0.0) == 0.0
             });
             let landed = Instant::now();
+            let mut polls = Vec::new();
             wait_until("the table to hold each row once", Duration::from_secs(120), || {
                 let a = real::audit(self.dir.path(), &self.config);
+                polls.push(format!("{}/{} at {:.0?}", a.missing, a.duplicated, landed.elapsed()));
                 (a.missing, a.duplicated) == (0, 0)
             });
             extra += &format!(
-                ", table exactly once {:.1}s after the last late write landed",
-                landed.elapsed().as_secs_f64()
+                ", table exactly once {:.1}s after the last late write landed (audits since, missing/duplicated: {})",
+                landed.elapsed().as_secs_f64(),
+                polls.join(", ")
             );
         }
         // Supervisor restarts inside the last daemon (workers whose commit or upload failed...).

@@ -190,8 +190,20 @@ impl Tansu {
     /// Log end offsets of `topic`'s partitions `0..partitions`.
     pub fn end_offsets(&self, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
         let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().unwrap();
+        // Tansu can be slow to answer while its group coordinator rebalances: asked again.
+        let deadline = Instant::now() + Duration::from_secs(60);
         (0..partitions)
-            .map(|p| (p, c.fetch_watermarks(topic, p, Duration::from_secs(5)).expect("watermarks").1))
+            .map(|p| {
+                loop {
+                    match c.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                        Ok((_, high)) => break (p, high),
+                        Err(e) if Instant::now() < deadline => {
+                            eprintln!("watermarks of {topic}/{p}: {e}; asking again")
+                        }
+                        Err(e) => panic!("watermarks of {topic}/{p}: {e}"),
+                    }
+                }
+            })
             .collect()
     }
 
