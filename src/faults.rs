@@ -198,7 +198,7 @@ impl Faults {
     /// default 3), `late.delay_ms` (the longest a late write takes to land, default 3000),
     /// `late.max` (late writes in all, default no limit), and
     /// `arm` (`start`, the default, or `usr1`: nothing strikes before the process receives
-    /// SIGUSR1).
+    /// SIGUSR1). Nothing strikes after `trstream run` receives SIGUSR2.
     pub fn from_spec(spec: &str) -> Result<Faults, String> {
         let mut random = RandomFaults {
             rng: Mutex::new(0),
@@ -274,6 +274,13 @@ impl Faults {
     pub fn arm_random(&self) {
         if let Some(r) = &self.random {
             r.live.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The random faults strike no more (`trstream run`: on SIGUSR2).
+    pub fn disarm_random(&self) {
+        if let Some(r) = &self.random {
+            r.live.store(false, Ordering::Relaxed);
         }
     }
 

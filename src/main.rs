@@ -227,6 +227,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     faults.arm_random();
                 });
             }
+            {
+                // SIGUSR2: no new random fault strikes (a test's end; late writes already struck
+                // still land).
+                use tokio::signal::unix::{SignalKind, signal};
+                let (faults, mut usr2) = (faults.clone(), signal(SignalKind::user_defined2())?);
+                tokio::spawn(async move {
+                    usr2.recv().await;
+                    tracing::warn!("SIGUSR2: the injected faults are disarmed");
+                    faults.disarm_random();
+                });
+            }
             faults
         }
         Err(_) => Arc::new(trstream::Faults::default()),

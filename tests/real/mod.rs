@@ -453,6 +453,11 @@ pub struct Audit {
 
 /// Runs `trstream audit --json --raw` as a user would, with `config`'s settings.
 pub fn audit(dir: &Path, config: &Config) -> Audit {
+    try_audit(dir, config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`audit`], or why it gave no report (e.g. a file the compactor deleted while it read).
+pub fn try_audit(dir: &Path, config: &Config) -> Result<Audit, String> {
     let file = dir.join("audit.toml");
     std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_trstream"))
@@ -461,10 +466,10 @@ pub fn audit(dir: &Path, config: &Config) -> Audit {
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("audit JSON: {e}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+        .map_err(|e| format!("audit JSON: {e}; stderr: {}", String::from_utf8_lossy(&out.stderr)))?;
     let t = &json["total"];
     let n = |k: &str| t[k].as_u64().unwrap_or(0);
-    Audit {
+    Ok(Audit {
         clean: json["clean"].as_bool().unwrap_or(false),
         records: n("records"),
         valid: n("valid"),
@@ -479,5 +484,5 @@ pub fn audit(dir: &Path, config: &Config) -> Audit {
         misplaced: n("misplaced"),
         dlq_duplicated: n("dlq_duplicated"),
         dlq_unexpected: n("dlq_unexpected"),
-    }
+    })
 }
