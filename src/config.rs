@@ -83,6 +83,14 @@ pub struct KafkaConfig {
     /// the new log under lake names of its own, `<topic>~<label>+<partition>+…`, beside the old
     /// incarnation's files, which stay as they are.
     pub incarnation: String,
+    /// Each flush's dead letters and its offset commit go in one Kafka transaction, of a
+    /// transactional producer per partition (`transactional.id` = `<group_id>.<lake topic>.<partition>`):
+    /// `read_committed` readers of the DLQ see every dead letter exactly once, and an instance
+    /// that lost its partition while stalled has its commits refused by the broker. Needs a
+    /// broker with transactions (Apache Kafka 2.5 or later, Redpanda); `false` commits with the
+    /// consumer and makes the DLQ at-least-once (librdkafka's mock cluster, which the demo uses,
+    /// has no transactional offset commits).
+    pub exactly_once: bool,
 }
 
 impl Default for KafkaConfig {
@@ -100,6 +108,7 @@ impl Default for KafkaConfig {
             lag_interval: Duration::from_secs(5),
             properties: BTreeMap::new(),
             incarnation: String::new(),
+            exactly_once: true,
         }
     }
 }
@@ -356,7 +365,7 @@ pub struct Sources {
 /// librdkafka properties trstream sets itself: overriding them through `kafka.properties` would
 /// break a guarantee (auto-commit breaks I1; a cooperative or KIP-848 protocol breaks the eager
 /// rebalance handling of the driver), so they are refused, naming the key to use instead.
-const OWNED_KAFKA_PROPERTIES: [(&str, &str); 12] = [
+const OWNED_KAFKA_PROPERTIES: [(&str, &str); 13] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("group.id", "kafka.group_id"),
     ("auto.offset.reset", "kafka.auto_offset_reset"),
@@ -369,6 +378,7 @@ const OWNED_KAFKA_PROPERTIES: [(&str, &str); 12] = [
     ("enable.partition.eof", "nothing"),
     ("partition.assignment.strategy", "nothing: trstream drains partitions with the eager protocol"),
     ("group.protocol", "nothing: trstream drains partitions with the classic protocol"),
+    ("transactional.id", "kafka.exactly_once: each partition has its own, <group_id>.<lake topic>.<partition>"),
 ];
 
 /// `TRSTREAM_` variables that are not configuration keys.

@@ -312,6 +312,20 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
         }
     };
     metrics::gauge!(m::STORE_CONDITIONAL_WRITES).set(if conditional { 1.0 } else { 0.0 });
+    if config.kafka.exactly_once {
+        tracing::info!(
+            dlq = %config.kafka.dlq_topic,
+            "kafka.exactly_once: each flush's dead letters and offset commit are one transaction (transactional ids {}.{}.<partition>); read the DLQ with isolation.level=read_committed",
+            config.kafka.group_id,
+            config.lake_topic()
+        );
+    } else {
+        tracing::warn!(
+            dlq = %config.kafka.dlq_topic,
+            "kafka.exactly_once is off: offsets are committed by the consumer and the DLQ is at-least-once (deduplicate it on source_partition and source_offset)"
+        );
+    }
+    metrics::gauge!(m::KAFKA_EXACTLY_ONCE).set(if config.kafka.exactly_once { 1.0 } else { 0.0 });
     let ctx = Arc::new(PipelineCtx::new(config, store, table, dlq, health.clone(), faults.clone(), instance.clone()));
     ctx.conditional_writes.store(conditional, Ordering::Relaxed);
     let stats = ctx.stats.clone();

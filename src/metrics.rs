@@ -30,6 +30,8 @@ pub const UPLOAD_ERRORS: &str = "trstream_upload_errors_total";
 pub const UPLOAD_RETRIES: &str = "trstream_upload_retries_total";
 pub const DLQ_ERRORS: &str = "trstream_dlq_errors_total";
 pub const COMMIT_ERRORS: &str = "trstream_commit_errors_total";
+pub const TXN_ABORTS: &str = "trstream_transaction_aborts_total";
+pub const KAFKA_EXACTLY_ONCE: &str = "trstream_kafka_exactly_once";
 pub const OFFSETS_COMMITTED: &str = "trstream_offsets_committed_total";
 pub const CONSUMER_LAG: &str = "trstream_consumer_lag_records";
 pub const END_TO_END_LATENCY: &str = "trstream_end_to_end_latency_seconds";
@@ -120,6 +122,16 @@ fn describe() {
     describe_counter!(UPLOAD_RETRIES, Unit::Count, "Failed upload attempts that were retried.");
     describe_counter!(DLQ_ERRORS, Unit::Count, "Failed DLQ deliveries (each retried).");
     describe_counter!(COMMIT_ERRORS, Unit::Count, "Failed offset commits.");
+    describe_counter!(
+        TXN_ABORTS,
+        Unit::Count,
+        "Flush transactions (dead letters + offset commit) aborted and tried again (kafka.exactly_once)."
+    );
+    describe_gauge!(
+        KAFKA_EXACTLY_ONCE,
+        Unit::Count,
+        "1 when each flush's dead letters and offset commit are one Kafka transaction (kafka.exactly_once), else 0."
+    );
     describe_counter!(OFFSETS_COMMITTED, Unit::Count, "Offsets moved past by commits, by partition.");
     describe_gauge!(CONSUMER_LAG, Unit::Count, "Log end offset minus committed offset, by owned partition.");
     describe_counter!(FLUSHES, Unit::Count, "Flushes, by trigger (rows, bytes, age, drain).");
@@ -144,7 +156,7 @@ fn describe() {
     describe_counter!(
         ZOMBIE_WRITES_REFUSED,
         Unit::Count,
-        "Writes refused because another instance claimed the partition since this one did, by kind (raw, table, watermark, intent)."
+        "Writes refused because another instance claimed the partition since this one did, by kind (raw, table, watermark, intent, offset_commit)."
     );
     describe_counter!(
         PROCESS_STALLS,
@@ -204,6 +216,7 @@ fn register() {
         UPLOAD_RETRIES,
         DLQ_ERRORS,
         COMMIT_ERRORS,
+        TXN_ABORTS,
         PARTITIONER_FILES,
         PARTITIONER_ROWS,
         PARTITIONER_OUTPUT_FILES,
@@ -221,7 +234,7 @@ fn register() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for kind in ["raw", "table", "watermark", "intent"] {
+    for kind in ["raw", "table", "watermark", "intent", "offset_commit"] {
         metrics::counter!(ZOMBIE_WRITES_REFUSED, "kind" => kind).increment(0);
     }
     for reason in RejectReason::ALL {

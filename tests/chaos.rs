@@ -356,6 +356,8 @@ impl Scenario {
             assert_eq!((a.valid, a.invalid), (sent_valid, sent_invalid), "the audit classifies as generated");
         }
         assert_eq!(a.in_dlq, a.invalid, "the DLQ holds exactly the invalid records");
+        // kafka.exactly_once: a read_committed reader (the audit) sees each dead letter once.
+        assert_eq!(a.dlq_duplicated, 0, "{a:?}");
         assert_eq!((a.missing, a.duplicated, a.unexpected), (0, 0, 0), "{a:?}");
         assert_eq!((a.altered, a.misplaced, a.dlq_unexpected), (0, 0, 0), "{a:?}");
         assert_eq!(a.raw_missing, 0, "{a:?}");
@@ -813,16 +815,112 @@ fn bad_input_through_the_real_broker_lands_in_the_dlq_and_crashes_nothing() {
 
 /// A consumer of the whole DLQ topic from its start, outside any group.
 fn dlq_reader(bootstrap: &str) -> BaseConsumer {
+    dlq_reader_of(bootstrap, PARTITIONS)
+}
+
+/// [`dlq_reader`] of a DLQ of `partitions` partitions.
+fn dlq_reader_of(bootstrap: &str, partitions: i32) -> BaseConsumer {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "chaos-dlq-reader")
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         tpl.add_partition_offset(DLQ, p, Offset::Beginning).unwrap();
     }
     c.assign(&tpl).unwrap();
     c
+}
+
+/// What `kafka.exactly_once` relies on the broker for, asked of the broker directly (issue 11,
+/// part 4), with the transactional ids a daemon uses: starting a transactional id aborts the
+/// transaction its last producer left open and fences that producer, whether it had a
+/// transaction open or starts one afterwards; a committed transaction's offset is the group's at
+/// once, even while another producer's transaction on the DLQ is open; a `read_committed` reader
+/// sees only committed dead letters, each once.
+#[test]
+fn transactions_fence_the_last_owner_and_show_only_what_was_committed() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::Builder::new().prefix("trstream-chaos-").tempdir().unwrap();
+    let tansu = Tansu::start(&dir.path().join("tansu"));
+    tansu.create_topic(TOPIC, 1);
+    tansu.create_topic(DLQ, 1);
+    let group = "txn-contract";
+    let member: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &tansu.bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    member.subscribe(&[TOPIC]).unwrap();
+    wait_until("the group to assign the partition", Duration::from_secs(60), || {
+        let _ = member.poll(Duration::from_millis(100));
+        member.assignment().is_ok_and(|a| a.count() == 1)
+    });
+    let cgm = || member.group_metadata().expect("group metadata");
+    let producer = |id: &str| -> ThreadedProducer<DefaultProducerContext> {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &tansu.bootstrap)
+            .set("transactional.id", id)
+            .set("message.timeout.ms", "10000")
+            .create()
+            .unwrap();
+        p.init_transactions(Duration::from_secs(30)).expect("init_transactions");
+        p
+    };
+    let send = |p: &ThreadedProducer<DefaultProducerContext>, key: &str| {
+        p.send(BaseRecord::<str, str>::to(DLQ).key(key).payload(key)).map_err(|(e, _)| e)
+    };
+    let offsets = |next: i64| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(TOPIC, 0, Offset::Offset(next)).unwrap();
+        tpl
+    };
+    let t = Duration::from_secs(30);
+    let id = format!("{group}.{TOPIC}.0");
+
+    // An owner stalls with its transaction open; the next owner starts the same transactional id.
+    let first = producer(&id);
+    first.begin_transaction().unwrap();
+    send(&first, "first").unwrap();
+    first.send_offsets_to_transaction(&offsets(10), &cgm(), t).unwrap();
+    let second = producer(&id);
+    assert!(first.commit_transaction(t).is_err(), "the stalled owner's commit is refused");
+    // A third owner takes over from the second, which has no transaction open and does not know.
+    let third = producer(&id);
+    second.begin_transaction().unwrap();
+    let refused = send(&second, "second").is_err() || second.commit_transaction(t).is_err();
+    assert!(refused, "a fenced producer's new transaction is refused");
+    assert_eq!(tansu.committed(group, TOPIC, 1)[&0], -1, "no fenced commit reached the group");
+
+    // Another partition's producer holds a transaction open on the DLQ meanwhile.
+    let other = producer(&format!("{group}.{TOPIC}.1"));
+    other.begin_transaction().unwrap();
+    send(&other, "other").unwrap();
+    other.flush(t).unwrap();
+    third.begin_transaction().unwrap();
+    send(&third, "third").unwrap();
+    third.send_offsets_to_transaction(&offsets(20), &cgm(), t).unwrap();
+    third.commit_transaction(t).expect("the current owner commits");
+    assert_eq!(tansu.committed(group, TOPIC, 1)[&0], 20, "the committed offset is the group's at once");
+    other.abort_transaction(t).unwrap();
+
+    let reader = dlq_reader_of(&tansu.bootstrap, 1);
+    let mut keys = Vec::new();
+    wait_until("the committed dead letter", Duration::from_secs(30), || {
+        while let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
+            keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned());
+        }
+        !keys.is_empty()
+    });
+    // Anything after it would have arrived with it or just after.
+    while let Some(r) = reader.poll(Duration::from_secs(2)) {
+        if let Ok(m) = r {
+            keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned());
+        }
+    }
+    assert_eq!(keys, ["third"], "a read_committed reader sees the committed dead letter, once, and nothing else");
 }

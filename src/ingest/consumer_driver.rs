@@ -25,10 +25,11 @@ use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::context::{ClaimOutcome, PartitionBudget, PipelineCtx};
+use crate::context::{ClaimOutcome, PartitionBudget, PipelineCtx, kafka_base_config};
 use crate::faults::Kind;
-use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk};
-use crate::ingest::{Consumer, incarnation};
+use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk, Redo};
+use crate::ingest::txn::FlushTxn;
+use crate::ingest::{Consumer, dlq, incarnation};
 use crate::lake::{FenceError, RawFileName};
 use crate::metrics as m;
 
@@ -411,6 +412,28 @@ async fn recovery(
             return Err(RecoveryFailure::Failed(format!("claim of partition {p}: {e}")));
         }
     }
+    // Exactly-once (issue 11, part 4): the partition's transactional producer starts before the
+    // committed offset is read. Starting it aborts the transaction an earlier owner left open and
+    // fences that owner, so the committed offset read after it is final.
+    let (txn, committed) = if cfg.kafka.exactly_once {
+        let (c, ctx2) = (consumer.clone(), ctx.clone());
+        let started = tokio::task::spawn_blocking(move || {
+            let txn = FlushTxn::start(&kafka_base_config(&ctx2.config), &ctx2.dlq, &ctx2.config, p)
+                .map_err(|e| e.to_string())?;
+            let committed = committed_offset(&c, &ctx2.config.kafka.topic, p, ctx2.config.kafka.request_timeout)
+                .map_err(|e| format!("fetching the committed offset of partition {p}: {e}"))?;
+            Ok::<_, String>((txn, committed))
+        })
+        .await
+        .map_err(|e| format!("transactional producer task failed: {e}"))??;
+        if started.1 != committed {
+            tracing::info!(partition = p, before = ?committed, after = ?started.1,
+                "the committed offset moved while the partition's transactional producer started (an earlier owner's transaction completed)");
+        }
+        (Some(Arc::new(started.0)), started.1)
+    } else {
+        (None, committed)
+    };
     let latest: Option<(RawFileName, u64)> =
         ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.lake_topic(), p, committed).await.map_err(|e| {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
@@ -437,13 +460,23 @@ async fn recovery(
         None => None,
     };
     ctx.health.s3_ok.store(true, Ordering::Relaxed);
-    let latest = latest.map(|(f, _)| f);
-    incarnation::check(&cfg.kafka.topic, p, now, committed, latest.as_ref().map(|f| (f, recorded_id)))
+    incarnation::check(&cfg.kafka.topic, p, now, committed, latest.as_ref().map(|(f, _)| (f, recorded_id)))
         .map_err(|e| RecoveryFailure::Stopped(e.0))?;
     ctx.faults.recovery_gate(p).await;
-    // Files whose first offset is at or past the commit were uploaded but not committed: adopt.
-    let adopted = latest.filter(|f| committed.is_none_or(|c| f.last_offset >= c));
-    let start = adopted.as_ref().map(|f| f.last_offset + 1).or(committed);
+    // Files whose last offset is at or past the commit were uploaded but not committed: adopt.
+    let adopted = latest.filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c));
+    // An adopted file that lists its dead letters had them in a transaction that never committed:
+    // they are sent again, its offsets read again from the commit (or the file's first offset).
+    let redo = match &adopted {
+        Some((f, size)) => dead_letters_of(&ctx, f, *size).await?.map(|dead| Redo::new(f.clone(), dead)),
+        None => None,
+    };
+    let adopted = adopted.map(|(f, _)| f);
+    let start = match (&adopted, &redo) {
+        (Some(f), Some(_)) => Some(committed.map_or(f.first_offset, |c| c.max(f.first_offset))),
+        (Some(f), None) => Some(f.last_offset + 1),
+        (None, _) => committed,
+    };
     let budget = Arc::new(PartitionBudget::new(ctx.clone()));
     let name = format!("{}/partition-{}-{p}", ctx.instance, cfg.kafka.topic);
     let args = PartitionWorkerArgs {
@@ -451,6 +484,8 @@ async fn recovery(
         start_offset: start,
         topic_id: now.topic_id,
         adopted,
+        redo,
+        txn,
         ctx: ctx.clone(),
         consumer,
         budget: budget.clone(),
@@ -460,6 +495,47 @@ async fn recovery(
         .map_err(|e| RecoveryFailure::Failed(format!("spawning the worker of partition {p}: {e}")))?;
     tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
     Ok(Recovered { start, worker, budget })
+}
+
+/// The dead letters an adopted file's footer lists ([`crate::ingest::dlq::META_DEAD_LETTERS`]);
+/// `None` for a file without the entry (its dead letters were acknowledged before its upload).
+async fn dead_letters_of(
+    ctx: &PipelineCtx,
+    f: &RawFileName,
+    size: u64,
+) -> Result<Option<std::collections::BTreeMap<i64, crate::record::Rejection>>, RecoveryFailure> {
+    let key = f.key(&ctx.config.s3.raw_prefix);
+    match ctx.store.parquet_footer_value(&key, size, dlq::META_DEAD_LETTERS).await {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => match dlq::parse_dead_letter_notes(&v) {
+            Ok(dead) => Ok(Some(dead)),
+            Err(e) => {
+                // Not a reason to stall the partition for ever: its rows are adopted as they are.
+                tracing::error!(partition = f.partition, file = %key, error = %e,
+                    "cannot read the dead letters an adopted file lists; they are not sent again");
+                Ok(None)
+            }
+        },
+        Err(e) if e.is_retryable() => {
+            ctx.health.s3_ok.store(false, Ordering::Relaxed);
+            Err(format!("reading the dead letters {key} lists: {e}").into())
+        }
+        Err(e) => {
+            tracing::error!(partition = f.partition, file = %key, error = %e,
+                "cannot read the footer of an adopted file; its dead letters are not sent again");
+            Ok(None)
+        }
+    }
+}
+
+/// The committed next offset of partition `p` (`None`: nothing committed). Blocking.
+fn committed_offset(consumer: &Consumer, topic: &str, p: i32, timeout: Duration) -> Result<Option<i64>, String> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p);
+    consumer
+        .committed_offsets(tpl, timeout)
+        .map(|t| t.elements().first().and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None }))
+        .map_err(|e| e.to_string())
 }
 
 /// The driver loop; returns when shut down or aborted.
@@ -737,14 +813,7 @@ fn retry_recoveries(consumer: &Arc<Consumer>) {
             // The committed offset is a blocking librdkafka request; the scan and spawn are async.
             let c = consumer.clone();
             let (topic, timeout) = (ctx.config.kafka.topic.clone(), ctx.config.kafka.request_timeout);
-            let committed = tokio::task::spawn_blocking(move || {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&topic, p);
-                c.committed_offsets(tpl, timeout).map(|t| {
-                    t.elements().first().and_then(|e| if let Offset::Offset(o) = e.offset() { Some(o) } else { None })
-                })
-            })
-            .await;
+            let committed = tokio::task::spawn_blocking(move || committed_offset(&c, &topic, p, timeout)).await;
             let result = match committed {
                 // A claim retried after its assignment was revoked would fence the new owner.
                 // (The driver discards this attempt's result too; this keeps it from writing.)

@@ -1,10 +1,13 @@
 //! The dead-letter queue: invalid records go to `kafka.dlq_topic` with their original key and
 //! bytes and headers naming why and where from.
 //!
-//! I1 covers dead-lettered offsets too: a worker keeps every DLQ send it has made for the current
-//! flush and commits past them only once each is acknowledged; a failed delivery is re-sent.
-//! The DLQ is at-least-once: a crash after the acknowledgement and before the commit re-sends
-//! the record, so consumers of the DLQ deduplicate on (`source_partition`, `source_offset`).
+//! I1 covers dead-lettered offsets too. With `kafka.exactly_once` (the default) a flush's dead
+//! letters and its offset commit are one Kafka transaction ([`crate::ingest::txn`]): a
+//! `read_committed` reader of the DLQ sees each dead letter once. Without it a worker keeps every
+//! DLQ send of the current flush and commits past them only once each is acknowledged; a failed
+//! delivery is re-sent. That DLQ is at-least-once: a crash after the acknowledgement and before
+//! the commit re-sends the record, so its readers deduplicate on (`source_partition`,
+//! `source_offset`).
 
 use std::time::Duration;
 
@@ -12,7 +15,7 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use crate::record::Rejection;
+use crate::record::{RejectReason, Rejection};
 
 pub const HEADER_REASON: &str = "reason";
 pub const HEADER_DETAIL: &str = "detail";
@@ -47,6 +50,86 @@ pub struct DeadLetter {
     pub truncated_from: Option<usize>,
 }
 
+/// What every producer of dead letters sets on top of the user's Kafka properties.
+pub fn producer_config(base: &ClientConfig) -> ClientConfig {
+    let mut config = base.clone();
+    if config.get("compression.type").is_none() {
+        // Dead letters include oversized records: compressing them keeps the DLQ small.
+        config.set("compression.type", "lz4");
+    }
+    if config.get("message.max.bytes").is_none() {
+        config.set("message.max.bytes", MAX_DLQ_MESSAGE_BYTES);
+    }
+    config
+}
+
+impl DeadLetter {
+    /// The same dead letter with its payload cut to [`TRUNCATED_PAYLOAD_BYTES`], when `err` says
+    /// the DLQ topic refused its size and cutting it helps.
+    pub fn truncated_for(&self, err: &rdkafka::error::KafkaError) -> Option<DeadLetter> {
+        let len = self.payload.as_ref().map_or(0, Vec::len);
+        if self.truncated_from.is_some()
+            || len <= TRUNCATED_PAYLOAD_BYTES
+            || err.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+        {
+            return None;
+        }
+        // The DLQ topic takes smaller records than the source topic: keep the reason, the source
+        // coordinates and a prefix rather than stall the partition for ever.
+        tracing::warn!(partition = self.source_partition, offset = self.source_offset, bytes = len, error = %err,
+            "the DLQ topic refused the record's size; dead-lettering its first {TRUNCATED_PAYLOAD_BYTES} bytes");
+        let mut t = self.clone();
+        t.payload.as_mut().unwrap().truncate(TRUNCATED_PAYLOAD_BYTES);
+        t.truncated_from = Some(len);
+        Some(t)
+    }
+}
+
+/// The raw file's footer entry listing the offsets of its window that were dead-lettered, with
+/// why (exactly-once mode only). Those dead letters are committed with the window's offsets, in
+/// one transaction, after the upload: when the file is adopted (uploaded, never committed), the
+/// worker sends them again from this list, so that a file never stands for offsets whose dead
+/// letters went nowhere. A file without the entry (written at-least-once, or before) had its
+/// dead letters acknowledged before its upload.
+pub const META_DEAD_LETTERS: &str = "trstream.dead_letters";
+
+/// One entry of [`META_DEAD_LETTERS`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetterNote {
+    pub offset: i64,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// The [`META_DEAD_LETTERS`] value of a window's dead letters.
+pub fn dead_letter_notes(letters: &[DeadLetter]) -> String {
+    let notes: Vec<DeadLetterNote> = letters
+        .iter()
+        .map(|d| DeadLetterNote {
+            offset: d.source_offset,
+            reason: d.rejection.reason.as_str().to_string(),
+            detail: d.rejection.detail.clone(),
+        })
+        .collect();
+    serde_json::to_string(&notes).expect("dead letter notes serialize")
+}
+
+/// Reads a [`META_DEAD_LETTERS`] value back, per offset.
+pub fn parse_dead_letter_notes(value: &str) -> Result<std::collections::BTreeMap<i64, Rejection>, String> {
+    let notes: Vec<DeadLetterNote> =
+        serde_json::from_str(value).map_err(|e| format!("{META_DEAD_LETTERS} is not a list of dead letters: {e}"))?;
+    notes
+        .into_iter()
+        .map(|n| {
+            let reason = RejectReason::ALL
+                .into_iter()
+                .find(|r| r.as_str() == n.reason)
+                .ok_or_else(|| format!("{META_DEAD_LETTERS}: unknown reason {:?} at offset {}", n.reason, n.offset))?;
+            Ok((n.offset, Rejection { reason, detail: n.detail }))
+        })
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct DlqProducer {
     producer: FutureProducer,
@@ -63,15 +146,7 @@ impl DlqProducer {
         source_topic: &str,
         source_incarnation: &str,
     ) -> Result<DlqProducer, DlqError> {
-        let mut config = base.clone();
-        if config.get("compression.type").is_none() {
-            // Dead letters include oversized records: compressing them keeps the DLQ small.
-            config.set("compression.type", "lz4");
-        }
-        if config.get("message.max.bytes").is_none() {
-            config.set("message.max.bytes", MAX_DLQ_MESSAGE_BYTES);
-        }
-        let producer: FutureProducer = config
+        let producer: FutureProducer = producer_config(base)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
@@ -87,6 +162,15 @@ impl DlqProducer {
 
     /// Enqueues one record; the future resolves when the broker acknowledges (or gives up).
     pub fn send(&self, dl: &DeadLetter) -> Result<DeliveryFuture, rdkafka::error::KafkaError> {
+        self.send_on(&self.producer, dl)
+    }
+
+    /// [`DlqProducer::send`] on another producer: a partition's transactional one.
+    pub fn send_on(
+        &self,
+        producer: &FutureProducer,
+        dl: &DeadLetter,
+    ) -> Result<DeliveryFuture, rdkafka::error::KafkaError> {
         let partition = dl.source_partition.to_string();
         let offset = dl.source_offset.to_string();
         let headers = OwnedHeaders::new()
@@ -111,7 +195,12 @@ impl DlqProducer {
         if let Some(p) = &dl.payload {
             record = record.payload(p.as_slice());
         }
-        self.producer.send_result(record).map_err(|(e, _)| e)
+        producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    /// The DLQ topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
     }
 
     /// Sends and waits for the acknowledgement, retrying with backoff until acknowledged or
@@ -135,18 +224,9 @@ impl DlqProducer {
                 Err(e) => e,
             };
             metrics::counter!(crate::metrics::DLQ_ERRORS).increment(1);
-            let len = dl.payload.as_ref().map_or(0, Vec::len);
             if truncated.is_none()
-                && len > TRUNCATED_PAYLOAD_BYTES
-                && err.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+                && let Some(t) = dl.truncated_for(&err)
             {
-                // The DLQ topic takes smaller records than the source topic: keep the reason, the
-                // source coordinates and a prefix rather than stall the partition for ever.
-                tracing::warn!(partition = dl.source_partition, offset = dl.source_offset, bytes = len, error = %err,
-                    "the DLQ topic refused the record's size; dead-lettering its first {TRUNCATED_PAYLOAD_BYTES} bytes");
-                let mut t = dl.clone();
-                t.payload.as_mut().unwrap().truncate(TRUNCATED_PAYLOAD_BYTES);
-                t.truncated_from = Some(len);
                 truncated = Some(t);
                 continue;
             }
@@ -157,5 +237,30 @@ impl DlqProducer {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(max_backoff);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_notes_round_trip_and_name_a_bad_reason() {
+        let letter = |offset, reason| DeadLetter {
+            key: None,
+            payload: Some(b"{".to_vec()),
+            rejection: Rejection { reason, detail: format!("detail of {offset}") },
+            source_partition: 3,
+            source_offset: offset,
+            truncated_from: None,
+        };
+        let letters = [letter(7, RejectReason::MalformedJson), letter(9, RejectReason::UnknownCurrency)];
+        let parsed = parse_dead_letter_notes(&dead_letter_notes(&letters)).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[&7], letters[0].rejection);
+        assert_eq!(parsed[&9], letters[1].rejection);
+        assert!(parse_dead_letter_notes(&dead_letter_notes(&[])).unwrap().is_empty());
+        let err = parse_dead_letter_notes(r#"[{"offset":4,"reason":"gremlins","detail":""}]"#).unwrap_err();
+        assert!(err.contains("\"gremlins\"") && err.contains("offset 4"), "{err}");
     }
 }

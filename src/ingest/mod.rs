@@ -10,6 +10,7 @@ pub mod consumer_driver;
 pub mod dlq;
 pub mod incarnation;
 pub mod partition_worker;
+pub mod txn;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -156,9 +157,17 @@ impl Actor for IngestSupervisor {
                 tracing::error!(actor = %name, error = %err, "unknown child failed");
                 return Ok(());
             };
-            if err.downcast_ref::<Fenced>().is_some() {
+            let fenced = if err.downcast_ref::<Fenced>().is_some() {
+                Some("raw")
+            } else if err.downcast_ref::<txn::TxnFenced>().is_some() {
+                Some("offset_commit")
+            } else {
+                None
+            };
+            if let Some(kind) = fenced {
                 // Not a fault to restart: the partition is another instance's now (I9).
-                metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => "raw").increment(1);
+                tracing::warn!(partition, error = %err, "partition worker fenced");
+                metrics::counter!(m::ZOMBIE_WRITES_REFUSED, "kind" => kind).increment(1);
                 state.ctx.stats.zombie_writes_refused.fetch_add(1, Ordering::Relaxed);
                 let _ = state.cmds.send(DriverCmd::Fenced { partition, worker: cell.get_id() });
                 return Ok(());

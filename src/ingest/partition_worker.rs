@@ -1,11 +1,15 @@
 //! PartitionWorker: one actor per assigned Kafka partition. It validates, buffers, dead-letters,
 //! flushes to Parquet, uploads, and only then commits.
 //!
-//! The order inside a flush is the whole of I1: (1) every DLQ write of the flush is acknowledged,
-//! (2) the Parquet file is uploaded under its deterministic name with a conditional create,
-//! (3) the offset `last + 1` is committed. A crash anywhere before (3) leaves the offsets
+//! The order inside a flush is the whole of I1: (1) the Parquet file is uploaded under its
+//! deterministic name with a conditional create, (2) the window's dead letters and the offset
+//! `last + 1` are committed in one Kafka transaction (`kafka.exactly_once`, [`crate::ingest::txn`];
+//! the file's footer lists the dead letters). A crash anywhere before (2) leaves the offsets
 //! uncommitted, so the records are read again; the recovery scan (I2) then finds the file of
-//! step (2) and adopts it instead of writing it twice. Memory (I4) is accounted in `buffered`,
+//! step (1) and adopts it instead of writing it twice, and the worker sends its dead letters again
+//! in the transaction that commits past it ([`Redo`]). Without `kafka.exactly_once` every DLQ
+//! write of the flush is acknowledged before the upload and the offset is committed by the
+//! consumer after it: the DLQ is then at-least-once. Memory (I4) is accounted in `buffered`,
 //! shared with the consumer driver, which pauses the partition when it grows past its cap.
 
 use std::sync::Arc;
@@ -17,13 +21,17 @@ use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 
+use std::collections::BTreeMap;
+
 use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::{Kind, Moment, Write, WriteKind};
 use crate::ingest::Consumer;
-use crate::ingest::dlq::DeadLetter;
+use crate::ingest::dlq::{self, DeadLetter};
 use crate::ingest::incarnation::WentBack;
+use crate::ingest::txn::{FlushTxn, TxnError};
 use crate::lake::{FenceError, Fenced, PutOutcome, RawFileName, parquet};
 use crate::metrics as m;
+use crate::record::Rejection;
 
 /// Consumed records handed over by the driver: one buffer for a whole batch, so a batch costs
 /// one allocation, not one per record.
@@ -96,11 +104,35 @@ pub struct PartitionWorkerArgs {
     pub start_offset: Option<i64>,
     /// The topic's id, as the broker gave it at the recovery: written into each raw file.
     pub topic_id: Option<uuid::Uuid>,
-    /// A file the recovery scan adopted: its `last + 1` is committed before anything else.
+    /// A file the recovery scan adopted: its `last + 1` is committed before anything else, or,
+    /// with `redo`, once its dead letters are sent again.
     pub adopted: Option<RawFileName>,
+    /// The adopted file's dead letters, to send again (its footer lists them).
+    pub redo: Option<Redo>,
+    /// The partition's transactional producer (`kafka.exactly_once`).
+    pub txn: Option<Arc<FlushTxn>>,
     pub ctx: Arc<PipelineCtx>,
     pub consumer: Arc<Consumer>,
     pub budget: Arc<PartitionBudget>,
+}
+
+/// An adopted file whose footer lists its dead letters ([`dlq::META_DEAD_LETTERS`]): they went
+/// in a transaction that never committed, so they are in no `read_committed` reader's DLQ. Its
+/// offsets from the worker's start to `last` are read again: those listed are dead-lettered with
+/// the listed reason (not validated again: the validator's answer may depend on the clock), the
+/// others skipped (their rows are in the file), and the transaction that commits `last + 1`
+/// carries them.
+#[derive(Debug)]
+pub struct Redo {
+    pub file: RawFileName,
+    pub dead: BTreeMap<i64, Rejection>,
+    letters: Vec<DeadLetter>,
+}
+
+impl Redo {
+    pub fn new(file: RawFileName, dead: BTreeMap<i64, Rejection>) -> Redo {
+        Redo { file, dead, letters: Vec::new() }
+    }
 }
 
 /// The offsets and bytes of the current flush.
@@ -136,6 +168,8 @@ pub struct PartitionWorkerState {
     /// Set by [`PartitionWorkerMsg::Start`]; nothing is committed before.
     started: bool,
     adopted: Option<RawFileName>,
+    redo: Option<Redo>,
+    txn: Option<Arc<FlushTxn>>,
     tick: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -179,8 +213,10 @@ impl Actor for PartitionWorker {
         let max_age = args.ctx.config.flush.max_age;
         let period = (max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let tick = myself.send_interval(period, || PartitionWorkerMsg::Tick);
-        let pending_commit =
-            args.adopted.as_ref().map(|f| (f.last_offset + 1, (f.last_offset + 1 - f.first_offset) as u64));
+        let pending_commit = match args.redo {
+            Some(_) => None,
+            None => args.adopted.as_ref().map(|f| (f.last_offset + 1, (f.last_offset + 1 - f.first_offset) as u64)),
+        };
         tracing::debug!(partition = args.partition, start_offset = ?args.start_offset, "partition worker started");
         let state = PartitionWorkerState {
             partition: args.partition,
@@ -198,6 +234,8 @@ impl Actor for PartitionWorker {
             committed: None,
             started: false,
             adopted: args.adopted,
+            redo: args.redo,
+            txn: args.txn,
             tick: Some(tick),
         };
         Ok(state)
@@ -206,6 +244,10 @@ impl Actor for PartitionWorker {
     async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.tick.take() {
             t.abort();
+        }
+        if let Some(txn) = state.txn.take() {
+            // Dropping a producer waits for it (up to half a second): not on the runtime.
+            tokio::task::spawn_blocking(move || drop(txn));
         }
         Ok(())
     }
@@ -222,18 +264,23 @@ impl Actor for PartitionWorker {
                 if let Some(f) = state.adopted.take() {
                     state.ctx.stats.adopted_files.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::FILES_ADOPTED).increment(1);
-                    tracing::info!(partition = state.partition, file = %f, "adopted an uploaded but uncommitted file");
-                    if let Some((next, covers)) = state.pending_commit {
-                        state.commit(next, covers).await?;
+                    if let Some(redo) = &state.redo {
+                        tracing::info!(partition = state.partition, file = %f, dead_letters = redo.dead.len(),
+                            "adopted an uploaded but uncommitted file; its dead letters are sent again as its records are read again");
+                    } else {
+                        tracing::info!(partition = state.partition, file = %f, "adopted an uploaded but uncommitted file");
+                        if let Some((next, covers)) = state.pending_commit {
+                            state.commit(&mut Vec::new(), next, covers).await?;
+                        }
+                        state.ctx.file_committed(f);
                     }
-                    state.ctx.file_committed(f);
                 }
             }
             PartitionWorkerMsg::Records(chunk) => state.on_records(chunk).await?,
             PartitionWorkerMsg::Tick if !state.started => {}
             PartitionWorkerMsg::Tick => {
                 if let Some((next, covers)) = state.pending_commit {
-                    state.commit(next, covers).await?;
+                    state.commit(&mut Vec::new(), next, covers).await?;
                 }
                 let aged = state.window.as_ref().is_some_and(|w| w.opened.elapsed() >= state.ctx.config.flush.max_age);
                 if aged {
@@ -272,8 +319,10 @@ impl PartitionWorkerState {
             return Ok(());
         }
         if let Some((next, covers)) = self.pending_commit {
-            self.commit(next, covers).await?;
+            self.commit(&mut Vec::new(), next, covers).await?;
         }
+        // A redo not finished (its records not all read again) stays uncommitted: the next owner
+        // adopts the file again.
         self.flush(Trigger::Drain).await
     }
 
@@ -306,6 +355,31 @@ impl PartitionWorkerState {
                 skipped_bytes += bytes;
                 continue;
             }
+            if let Some(redo) = &mut self.redo {
+                let last = redo.file.last_offset;
+                if e.offset <= last {
+                    // Its row is in the adopted file, or its dead letter is listed there.
+                    if let Some(rejection) = redo.dead.remove(&e.offset) {
+                        redo.letters.push(DeadLetter {
+                            key: chunk.slice(e.key).map(<[u8]>::to_vec),
+                            payload: chunk.slice(e.payload).map(<[u8]>::to_vec),
+                            rejection,
+                            source_partition: p,
+                            source_offset: e.offset,
+                            truncated_from: None,
+                        });
+                    }
+                    skipped += 1;
+                    skipped_bytes += bytes;
+                    self.next_offset = Some(e.offset + 1);
+                    if e.offset == last {
+                        self.finish_redo().await?;
+                    }
+                    continue;
+                }
+                // Past the file without its last offset (a gap: the record is gone from the log).
+                self.finish_redo().await?;
+            }
             if self.ctx.faults.should_panic(p, e.offset) {
                 panic!("injected fault: partition worker {p} fails at offset {}", e.offset);
             }
@@ -334,7 +408,8 @@ impl PartitionWorkerState {
                         source_offset: e.offset,
                         truncated_from: None,
                     };
-                    let fut = self.ctx.dlq.send(&dl).ok();
+                    // Exactly-once: sent in the flush's transaction, after the upload.
+                    let fut = if self.txn.is_some() { None } else { self.ctx.dlq.send(&dl).ok() };
                     self.dlq_pending.push((dl, fut));
                 }
             }
@@ -373,7 +448,10 @@ impl PartitionWorkerState {
         let Some(w) = self.window.take() else { return Ok(()) };
         let started = Instant::now();
         let p = self.partition;
-        self.await_dlq().await?;
+        if self.txn.is_none() {
+            self.await_dlq().await?;
+        }
+        let mut letters: Vec<DeadLetter> = self.dlq_pending.drain(..).map(|(d, _)| d).collect();
 
         let rows = self.rows.len();
         let dlq_acked = started.elapsed();
@@ -390,10 +468,14 @@ impl PartitionWorkerState {
             let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
             let encode_name = name.clone();
             let topic_id = self.topic_id;
-            let body = tokio::task::spawn_blocking(move || parquet::encode(&batch, &encode_name, topic_id, level, rg))
-                .await
-                .map_err(|e| format!("parquet encoder task failed: {e}"))?
-                .map_err(|e| format!("parquet encoding of {name} failed: {e}"))?;
+            // Exactly-once: the dead letters commit after the upload, so the file says which they
+            // are, for a redo if it is adopted.
+            let notes = self.txn.is_some().then(|| dlq::dead_letter_notes(&letters));
+            let body =
+                tokio::task::spawn_blocking(move || parquet::encode(&batch, &encode_name, topic_id, notes, level, rg))
+                    .await
+                    .map_err(|e| format!("parquet encoder task failed: {e}"))?
+                    .map_err(|e| format!("parquet encoding of {name} failed: {e}"))?;
             size = body.len();
             let key = name.key(&self.ctx.config.s3.raw_prefix);
             encoded = started.elapsed();
@@ -411,7 +493,14 @@ impl PartitionWorkerState {
             }
             file = Some(name);
         }
-        self.commit(w.last + 1, w.records as u64).await?;
+        let dead_letters = letters.len() as u64;
+        if self.txn.is_none() {
+            letters.clear(); // acknowledged above
+        }
+        self.commit(&mut letters, w.last + 1, w.records as u64).await?;
+        if self.txn.is_some() {
+            metrics::counter!(m::DLQ_RECORDS).increment(dead_letters);
+        }
         let committed_us = now_micros();
         m::LATENCY_FROM_BROKER.observe_since(&w.broker_times_us, committed_us);
         m::LATENCY_FROM_EVENT.observe_since(&w.event_times_us, committed_us);
@@ -444,8 +533,8 @@ impl PartitionWorkerState {
     /// Waits for every DLQ write of this flush; failed ones are re-sent until acknowledged.
     async fn await_dlq(&mut self) -> Result<(), ActorProcessingErr> {
         let upload = &self.ctx.config.upload;
-        for (dl, fut) in self.dlq_pending.drain(..) {
-            let acked = match fut {
+        for (dl, fut) in self.dlq_pending.iter_mut() {
+            let acked = match fut.take() {
                 Some(f) => matches!(f.await, Ok(Ok(_))),
                 None => false,
             };
@@ -453,7 +542,7 @@ impl PartitionWorkerState {
                 let ctx = self.ctx.clone();
                 self.ctx
                     .dlq
-                    .send_acked(&dl, upload.retry_initial_backoff, upload.retry_max_backoff, move || ctx.abandoning())
+                    .send_acked(dl, upload.retry_initial_backoff, upload.retry_max_backoff, move || ctx.abandoning())
                     .await
                     .map_err(|e| format!("DLQ write for offset {} abandoned at shutdown: {e}", dl.source_offset))?;
             }
@@ -510,23 +599,73 @@ impl PartitionWorkerState {
         }
     }
 
-    /// Synchronous commit of `next` (the next offset to read). A failure escalates: the
-    /// supervisor restarts the worker, whose recovery scan adopts what was uploaded.
-    async fn commit(&mut self, next: i64, covers: u64) -> Result<(), ActorProcessingErr> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.ctx.config.kafka.topic, self.partition, Offset::Offset(next))?;
-        let consumer = self.consumer.clone();
-        let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| format!("commit task failed: {e}"))?;
-        if let Err(e) = res {
-            metrics::counter!(m::COMMIT_ERRORS).increment(1);
-            return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
+    /// Commits `next` (the next offset to read) with `letters`, the dead letters not yet sent:
+    /// in one transaction with `kafka.exactly_once`, else each acknowledged and then the offset
+    /// committed by the consumer. A failure escalates: the supervisor restarts the worker, whose
+    /// recovery scan adopts what was uploaded. A transaction the broker refuses because a newer
+    /// producer of the partition has started fences the worker.
+    async fn commit(
+        &mut self,
+        letters: &mut Vec<DeadLetter>,
+        next: i64,
+        covers: u64,
+    ) -> Result<(), ActorProcessingErr> {
+        let upload = &self.ctx.config.upload;
+        let retry = (upload.retry_initial_backoff, upload.retry_max_backoff);
+        if let Some(txn) = &self.txn {
+            let ctx = self.ctx.clone();
+            match txn.commit(letters, next, &self.consumer, retry, move || ctx.abandoning()).await {
+                Ok(()) => {}
+                Err(TxnError::Fenced(f)) => return Err(Box::new(f)),
+                Err(TxnError::Failed(e)) => {
+                    metrics::counter!(m::COMMIT_ERRORS).increment(1);
+                    return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
+                }
+            }
+        } else {
+            for dl in letters.iter() {
+                let ctx = self.ctx.clone();
+                self.ctx
+                    .dlq
+                    .send_acked(dl, retry.0, retry.1, move || ctx.abandoning())
+                    .await
+                    .map_err(|e| format!("DLQ write for offset {} abandoned at shutdown: {e}", dl.source_offset))?;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&self.ctx.config.kafka.topic, self.partition, Offset::Offset(next))?;
+            let consumer = self.consumer.clone();
+            let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                .await
+                .map_err(|e| format!("commit task failed: {e}"))?;
+            if let Err(e) = res {
+                metrics::counter!(m::COMMIT_ERRORS).increment(1);
+                return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
+            }
         }
         self.pending_commit = None;
         metrics::counter!(m::OFFSETS_COMMITTED, "partition" => self.partition_label.clone()).increment(covers);
         self.committed = Some(next);
         self.ctx.stats.record_commit(self.partition, next);
+        Ok(())
+    }
+
+    /// Commits past an adopted file with the dead letters its footer lists ([`Redo`]).
+    async fn finish_redo(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(mut redo) = self.redo.take() else { return Ok(()) };
+        if !redo.dead.is_empty() {
+            // Offsets the file lists were not delivered again: the log no longer holds them
+            // (retention, compaction). Their dead letters cannot be sent.
+            let missing: Vec<i64> = redo.dead.keys().copied().collect();
+            tracing::error!(partition = self.partition, file = %redo.file, offsets = ?missing,
+                "dead letters listed in an adopted file could not be sent again: their records are gone from the log");
+        }
+        let next = redo.file.last_offset + 1;
+        let covers = (next - self.floor.unwrap_or(redo.file.first_offset)).max(0) as u64;
+        let sent = redo.letters.len() as u64;
+        self.commit(&mut redo.letters, next, covers).await?;
+        metrics::counter!(m::DLQ_RECORDS).increment(sent);
+        tracing::info!(partition = self.partition, file = %redo.file, dead_letters = sent, "committed past an adopted file");
+        self.ctx.file_committed(redo.file);
         Ok(())
     }
 }

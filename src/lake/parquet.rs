@@ -179,18 +179,22 @@ pub fn source_metadata(name: &RawFileName, rows: usize) -> Vec<KeyValue> {
     ]
 }
 
-/// Encodes one flush; the metadata names the source offsets, and the topic id where the broker
-/// gives one, so a file explains itself.
+/// Encodes one flush; the metadata names the source offsets, the topic id where the broker
+/// gives one and, in exactly-once mode, the window's dead letters, so a file explains itself.
 pub fn encode(
     batch: &RecordBatch,
     name: &RawFileName,
     topic_id: Option<uuid::Uuid>,
+    dead_letters: Option<String>,
     zstd_level: i32,
     row_group_rows: usize,
 ) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let mut meta = source_metadata(name, batch.num_rows());
     if let Some(id) = topic_id {
         meta.push(KeyValue::new(crate::ingest::incarnation::META_TOPIC_ID.into(), id.to_string()));
+    }
+    if let Some(notes) = dead_letters {
+        meta.push(KeyValue::new(crate::ingest::dlq::META_DEAD_LETTERS.into(), notes));
     }
     encode_with(batch, meta, zstd_level, row_group_rows)
 }
@@ -283,11 +287,12 @@ mod tests {
         assert!(buf.is_empty(), "finish leaves the buffer empty");
         let name = RawFileName { topic: "t".into(), partition: 7, first_offset: 500, last_offset: 1499 };
         let id = uuid::Uuid::from_u128(0x2171e556_8657_407d_b81c_7723c868e008);
-        let bytes = encode(&batch, &name, Some(id), 3, 300).unwrap();
+        let bytes = encode(&batch, &name, Some(id), Some("[]".into()), 3, 300).unwrap();
         // The footer alone tells the topic id, from a tail long enough, else how long it must be.
         let key = crate::ingest::incarnation::META_TOPIC_ID;
         assert_eq!(footer_value(&bytes, key), Ok(Some(id.to_string())));
         assert_eq!(footer_value(&bytes, "no.such.key"), Ok(None));
+        assert_eq!(footer_value(&bytes, crate::ingest::dlq::META_DEAD_LETTERS), Ok(Some("[]".into())));
         let needed = match footer_value(&bytes[bytes.len() - 16..], key) {
             Err(Ok(n)) => n,
             other => panic!("a short tail asks for more: {other:?}"),

@@ -468,7 +468,11 @@ fn consumer(config: &Config) -> Result<BaseConsumer, AuditError> {
     c.set("group.id", format!("trstream-audit-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        // The end of a partition is where its last message is, or, in a transactional topic (the
+        // DLQ of kafka.exactly_once), past the commit marker that follows it: only an EOF says so.
+        .set("enable.partition.eof", "true")
+        // The DLQ's readers see committed dead letters only; the audit reads it as they do.
+        .set("isolation.level", "read_committed")
         // As in the daemon: librdkafka's default waits a second whenever its fetch queue is full.
         .set("fetch.queue.backoff.ms", config.kafka.fetch_queue_backoff.as_millis().to_string())
         .set("queued.max.messages.kbytes", config.kafka.fetch_queue_kbytes.to_string());
@@ -538,6 +542,12 @@ fn read_topic(
                         left.remove(&p);
                     }
                 }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                // Nothing more to read now: past the end it had, or at its last stable offset
+                // (a transaction still open; what it holds is not committed yet).
+                last_message = Instant::now();
+                left.remove(&p);
             }
             Some(Err(e)) => return Err(AuditError::Kafka(format!("reading {topic}: {e}"))),
             None => {
@@ -697,6 +707,10 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
             let valid = validator.validate(m.payload(), now_us).ok();
             book.source(m.offset(), valid.as_ref().map(|t| &*t.transaction_id), m.payload());
         })?;
+        // A consumer of its own: an end-of-partition event of the source topic still queued
+        // would end a DLQ partition of the same number early.
+        drop(c);
+        let c = consumer(&cfg)?;
         let dlq_bounds = log_bounds(&c, &cfg.kafka.dlq_topic, cfg.kafka.request_timeout)?;
         read_topic(&c, &cfg.kafka.dlq_topic, &dlq_bounds, o.timeout, o.progress, |_, m| {
             if header(m, HEADER_SOURCE_TOPIC) != Some(cfg.kafka.topic.as_str())

@@ -92,6 +92,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut config = Config::load(&crate::config::Sources { env, ..Default::default() })?;
     config.kafka.brokers = bootstrap.clone();
     config.kafka.group_id = "trstream-bench".into();
+    // The embedded mock cluster keeps no transactional offset commits (EmbeddedKafka::configure).
+    config.kafka.exactly_once = false;
     config.s3.endpoint = endpoint;
     if let Some(rows) = args.flush_rows {
         config.flush.max_rows = rows;

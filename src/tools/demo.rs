@@ -99,7 +99,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprintln!("embedded Kafka at {}, S3 (s3s-fs over {}) at {}", kafka.bootstrap, s3.root.display(), s3.endpoint);
 
     let mut config = config_base;
-    config.kafka.brokers = kafka.bootstrap.clone();
+    kafka.configure(&mut config.kafka);
     s3.configure(&mut config.s3);
     config.s3.create_bucket = true;
     config.flush.max_age = args.flush_age;

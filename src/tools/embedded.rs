@@ -36,6 +36,14 @@ impl EmbeddedKafka {
         let bootstrap = cluster.bootstrap_servers();
         Ok(EmbeddedKafka { cluster, bootstrap })
     }
+
+    /// Points `kafka` at this cluster. The mock cluster takes transactional offset commits but
+    /// keeps none of them, so `kafka.exactly_once` is off: offsets are committed by the consumer
+    /// and the DLQ is at-least-once.
+    pub fn configure(&self, kafka: &mut crate::config::KafkaConfig) {
+        kafka.brokers = self.bootstrap.clone();
+        kafka.exactly_once = false;
+    }
 }
 
 /// s3s-fs serving `root` (one sub-folder per bucket) on a loopback port.

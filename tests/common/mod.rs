@@ -45,7 +45,7 @@ impl Harness {
     /// A configuration for this harness: small flushes so tests see many files.
     pub fn config(&self) -> Config {
         let mut c = Config::default();
-        c.kafka.brokers = self.kafka.bootstrap.clone();
+        self.kafka.configure(&mut c.kafka);
         c.kafka.group_id = GROUP.into();
         c.kafka.session_timeout = Duration::from_secs(10);
         c.shutdown.drain_timeout = Duration::from_secs(8);
