@@ -70,6 +70,31 @@ async fn a_crash_between_upload_and_commit_adopts_the_file() {
     h.assert_exactly_once(GROUP, false);
 }
 
+/// Issue 11, part 4: with `kafka.exactly_once` a window's dead letters go in its commit's
+/// transaction, after the upload, and the raw file's footer lists them. A file uploaded whose
+/// transaction never ran (a crash in between) is adopted, and the dead letters it lists are sent
+/// then, once each. (The mock cluster runs transactions but keeps no transactional offset commit:
+/// the end state is checked in the lake, the DLQ and the daemon's own commits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_file_sends_the_dead_letters_its_footer_lists_once() {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    config.kafka.exactly_once = true;
+    let faults = Arc::new(Faults::default());
+    faults.crash_after_upload(0, 2);
+    let pipeline = trstream::start(config, faults).await.unwrap();
+    h.produce(10_000);
+    let stats = pipeline.stats.clone();
+    let total = h.produced.len() as i64;
+    wait_for("every offset committed by the daemon", DONE, || stats.committed().values().sum::<i64>() == total).await;
+    pipeline.shutdown().await;
+    assert_eq!(Stats::get(&stats.restarts), 2);
+    assert!(Stats::get(&stats.adopted_files) >= 2, "the uploaded files were adopted, not rewritten");
+    let raw = h.raw_files();
+    assert!(raw.iter().any(|(f, _)| f.partition == 0), "partition 0 has files");
+    h.assert_lake_and_dlq(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_outage_loses_nothing_and_keeps_buffers_under_the_cap() {
     let mut h = Harness::new(2).await;

@@ -121,9 +121,7 @@ pub fn parse_dead_letter_notes(value: &str) -> Result<std::collections::BTreeMap
     notes
         .into_iter()
         .map(|n| {
-            let reason = RejectReason::ALL
-                .into_iter()
-                .find(|r| r.as_str() == n.reason)
+            let reason = RejectReason::parse(&n.reason)
                 .ok_or_else(|| format!("{META_DEAD_LETTERS}: unknown reason {:?} at offset {}", n.reason, n.offset))?;
             Ok((n.offset, Rejection { reason, detail: n.detail }))
         })
