@@ -12,6 +12,7 @@
 //! consumer after it: the DLQ is then at-least-once. Memory (I4) is accounted in `buffered`,
 //! shared with the consumer driver, which pauses the partition when it grows past its cap.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,8 +21,6 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
-
-use std::collections::BTreeMap;
 
 use crate::context::{PartitionBudget, PipelineCtx};
 use crate::faults::{Kind, Moment, Write, WriteKind};
@@ -616,7 +615,20 @@ impl PartitionWorkerState {
             let ctx = self.ctx.clone();
             match txn.commit(letters, next, &self.consumer, retry, move || ctx.abandoning()).await {
                 Ok(()) => {}
-                Err(TxnError::Fenced(f)) => return Err(Box::new(f)),
+                Err(TxnError::Fenced(f)) => {
+                    // A newer producer of this partition's transactional id started: the next
+                    // owner's, as a rule. But a recovery that checked its claim just before the
+                    // next owner claimed, and started its producer just after the next owner's,
+                    // fences the rightful owner the same way. The store decides, not the lease.
+                    self.ctx.expire_leases(&[self.partition]);
+                    return match self.ctx.check_fence(self.partition).await {
+                        Ok(()) | Err(FenceError::Store(_)) => Err(format!(
+                            "{f}; this instance's claim is current (or the store did not answer), so the worker restarts with a producer of its own"
+                        )
+                        .into()),
+                        Err(_) => Err(Box::new(f)),
+                    };
+                }
                 Err(TxnError::Failed(e)) => {
                     metrics::counter!(m::COMMIT_ERRORS).increment(1);
                     return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
