@@ -911,11 +911,18 @@ fn transactions_fence_the_last_owner_and_show_only_what_was_committed() {
     third.send_offsets_to_transaction(&offsets(20), &cgm(), t).unwrap();
     third.commit_transaction(t).expect("the current owner commits");
     assert_eq!(tansu.committed(group, TOPIC, 1)[&0], 20, "the committed offset is the group's at once");
+    // Its next transaction, the other one still open (unpatched Tansu failed to add the DLQ
+    // partition to it again, for ever).
+    third.begin_transaction().unwrap();
+    send(&third, "third, again").unwrap();
+    third.send_offsets_to_transaction(&offsets(30), &cgm(), t).unwrap();
+    third.commit_transaction(t).expect("the current owner commits again");
+    assert_eq!(tansu.committed(group, TOPIC, 1)[&0], 30);
     other.abort_transaction(t).unwrap();
 
     let reader = dlq_reader_of(&tansu.bootstrap, 1);
     let mut keys = Vec::new();
-    wait_until("the committed dead letter", Duration::from_secs(30), || {
+    wait_until("the committed dead letters", Duration::from_secs(30), || {
         while let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
             keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned());
         }
@@ -927,5 +934,9 @@ fn transactions_fence_the_last_owner_and_show_only_what_was_committed() {
             keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned());
         }
     }
-    assert_eq!(keys, ["third"], "a read_committed reader sees the committed dead letter, once, and nothing else");
+    assert_eq!(
+        keys,
+        ["third", "third, again"],
+        "a read_committed reader sees the committed dead letters, once each, and nothing else"
+    );
 }
