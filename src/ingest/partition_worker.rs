@@ -269,7 +269,7 @@ impl Actor for PartitionWorker {
                     } else {
                         tracing::info!(partition = state.partition, file = %f, "adopted an uploaded but uncommitted file");
                         if let Some((next, covers)) = state.pending_commit {
-                            state.commit(&mut Vec::new(), next, covers).await?;
+                            state.commit(&mut [], next, covers).await?;
                         }
                         state.ctx.file_committed(f);
                     }
@@ -279,7 +279,7 @@ impl Actor for PartitionWorker {
             PartitionWorkerMsg::Tick if !state.started => {}
             PartitionWorkerMsg::Tick => {
                 if let Some((next, covers)) = state.pending_commit {
-                    state.commit(&mut Vec::new(), next, covers).await?;
+                    state.commit(&mut [], next, covers).await?;
                 }
                 let aged = state.window.as_ref().is_some_and(|w| w.opened.elapsed() >= state.ctx.config.flush.max_age);
                 if aged {
@@ -318,7 +318,7 @@ impl PartitionWorkerState {
             return Ok(());
         }
         if let Some((next, covers)) = self.pending_commit {
-            self.commit(&mut Vec::new(), next, covers).await?;
+            self.commit(&mut [], next, covers).await?;
         }
         // A redo not finished (its records not all read again) stays uncommitted: the next owner
         // adopts the file again.
@@ -603,12 +603,7 @@ impl PartitionWorkerState {
     /// committed by the consumer. A failure escalates: the supervisor restarts the worker, whose
     /// recovery scan adopts what was uploaded. A transaction the broker refuses because a newer
     /// producer of the partition has started fences the worker.
-    async fn commit(
-        &mut self,
-        letters: &mut Vec<DeadLetter>,
-        next: i64,
-        covers: u64,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn commit(&mut self, letters: &mut [DeadLetter], next: i64, covers: u64) -> Result<(), ActorProcessingErr> {
         let upload = &self.ctx.config.upload;
         let retry = (upload.retry_initial_backoff, upload.retry_max_backoff);
         if let Some(txn) = &self.txn {
