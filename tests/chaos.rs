@@ -697,6 +697,9 @@ fn bad_input_through_the_real_broker_lands_in_the_dlq_and_crashes_nothing() {
     let mut s = Scenario::new("bad input");
     // Large enough that deep nesting reaches the JSON parser; the 10 MB record is oversized.
     s.config.validation.max_record_bytes = 1 << 20;
+    // A producer queue of two records: a window with more dead letters than that must wait for
+    // room inside its transaction, not abort it and retry the same overflow for ever.
+    s.config.kafka.properties.insert("queue.buffering.max.messages".into(), "2".into());
     s.config.validate().unwrap();
     let mut bad = Vec::new();
     // Every invalid class of design §2, twice, from the generator.

@@ -209,7 +209,11 @@ impl DriverContext {
     fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?parts, "partitions assigned");
-        let committed = self.committed(base, &parts);
+        // Exactly-once: each recovery reads its committed offset after starting the partition's
+        // transactional producer, and only then. A read before it would wait (read_committed asks
+        // for stable offsets) until the broker times out a transaction a killed owner left open.
+        let committed =
+            if self.ctx.config.kafka.exactly_once { Ok(HashMap::new()) } else { self.committed(base, &parts) };
         // The scans run concurrently, so a slow store costs one request timeout, not one per
         // partition, before the assignment is handed back to librdkafka.
         let results: Vec<(i32, Result<Recovered, RecoveryFailure>)> = match (&committed, self.consumer()) {
@@ -366,7 +370,8 @@ impl DriverContext {
     }
 }
 
-/// See [`DriverContext::recovery`].
+/// See [`DriverContext::recovery`]. `committed` is the partition's committed offset as the caller
+/// read it; in exactly-once mode the caller reads none and the recovery reads its own.
 async fn recovery(
     ctx: Arc<PipelineCtx>,
     supervisor: ActorCell,
@@ -415,6 +420,8 @@ async fn recovery(
     // Exactly-once (issue 11, part 4): the partition's transactional producer starts before the
     // committed offset is read. Starting it aborts the transaction an earlier owner left open and
     // fences that owner, so the committed offset read after it is final.
+    // (The caller read no committed offset in this mode: that read would wait until the broker
+    // timed out a transaction a killed owner left open, which the start aborts at once.)
     let (txn, committed) = if cfg.kafka.exactly_once {
         let (c, ctx2) = (consumer.clone(), ctx.clone());
         let started = tokio::task::spawn_blocking(move || {
@@ -426,10 +433,6 @@ async fn recovery(
         })
         .await
         .map_err(|e| format!("transactional producer task failed: {e}"))??;
-        if started.1 != committed {
-            tracing::info!(partition = p, before = ?committed, after = ?started.1,
-                "the committed offset moved while the partition's transactional producer started (an earlier owner's transaction completed)");
-        }
         (Some(Arc::new(started.0)), started.1)
     } else {
         (None, committed)
@@ -813,7 +816,13 @@ fn retry_recoveries(consumer: &Arc<Consumer>) {
             // The committed offset is a blocking librdkafka request; the scan and spawn are async.
             let c = consumer.clone();
             let (topic, timeout) = (ctx.config.kafka.topic.clone(), ctx.config.kafka.request_timeout);
-            let committed = tokio::task::spawn_blocking(move || committed_offset(&c, &topic, p, timeout)).await;
+            // Exactly-once: the recovery reads it after starting the transactional producer.
+            let eo = ctx.config.kafka.exactly_once;
+            let committed =
+                tokio::task::spawn_blocking(
+                    move || if eo { Ok(None) } else { committed_offset(&c, &topic, p, timeout) },
+                )
+                .await;
             let result = match committed {
                 // A claim retried after its assignment was revoked would fence the new owner.
                 // (The driver discards this attempt's result too; this keeps it from writing.)

@@ -111,8 +111,12 @@ impl FlushTxn {
         give_up: impl Fn() -> bool,
     ) -> Result<(), TxnError> {
         let mut wait = initial_backoff;
+        // After the DLQ topic refused a batch for its size, each dead letter is sent alone and
+        // acknowledged before the next: librdkafka does not split a refused batch, so letters that
+        // each fit the topic but not together would be refused together for ever.
+        let mut one_by_one = false;
         loop {
-            let (err, deliveries) = match self.try_commit(letters, next, consumer).await {
+            let (err, deliveries) = match self.try_commit(letters, next, consumer, one_by_one).await {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Abort(e, deliveries)) => (e, deliveries),
@@ -131,9 +135,11 @@ impl FlushTxn {
             for (d, f) in letters.iter_mut().zip(deliveries) {
                 if let Some(f) = f
                     && let Ok(Err((de, _))) = f.await
-                    && let Some(t) = d.truncated_for(&de)
                 {
-                    *d = t;
+                    one_by_one |= de.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
+                    if let Some(t) = d.truncated_for(&de) {
+                        *d = t;
+                    }
                 }
             }
             if give_up() {
@@ -152,12 +158,23 @@ impl FlushTxn {
         letters: &mut [DeadLetter],
         next: i64,
         consumer: &Arc<Consumer>,
+        one_by_one: bool,
     ) -> Result<(), Attempt> {
         self.producer.begin_transaction().map_err(|e| Attempt::Fatal(self.classify(&e, "beginning a transaction")))?;
         let mut deliveries = Vec::with_capacity(letters.len());
         let mut refused = None;
         for d in letters.iter_mut() {
-            match self.dlq.send_on(&self.producer, d) {
+            match self.send(d).await {
+                Ok(f) if one_by_one => match f.await {
+                    Ok(Ok(_)) => deliveries.push(None),
+                    Ok(Err((e, _))) => {
+                        if let Some(t) = d.truncated_for(&e) {
+                            *d = t;
+                        }
+                        return Err(Attempt::Abort(format!("a dead letter was refused: {e}"), deliveries));
+                    }
+                    Err(_) => return Err(Attempt::Abort("a dead letter's delivery was cancelled".into(), deliveries)),
+                },
                 Ok(f) => deliveries.push(Some(f)),
                 Err(e) => {
                     // Refused before it left (its size, a full queue): cut it if that helps.
@@ -195,6 +212,25 @@ impl FlushTxn {
         }
     }
 
+    /// Queues one dead letter. A full producer queue (more dead letters in one window than
+    /// `queue.buffering.max.messages`) is waited out while deliveries drain it, for up to
+    /// `kafka.request_timeout` without room, instead of failing the transaction: the same
+    /// letters would fill it again on every try.
+    async fn send(&self, d: &DeadLetter) -> rdkafka::error::KafkaResult<rdkafka::producer::DeliveryFuture> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match self.dlq.send_on(&self.producer, d) {
+                Err(e)
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// A refusal that means another producer of the transactional id has started is
     /// [`TxnFenced`]; anything else a failure.
     fn classify(&self, e: &KafkaError, doing: &str) -> TxnError {
@@ -212,8 +248,10 @@ impl FlushTxn {
 }
 
 /// librdkafka's default: how long the broker keeps a transaction open without its producer.
-/// A new owner's start aborts the last owner's open transaction at once, so this only bounds a
-/// transaction left open by an instance that stopped for good with nobody taking its partition.
+/// A new owner's start aborts the last owner's open transaction at once (its recovery reads the
+/// committed offset only after the start: read before, it would wait for this timeout), so this
+/// only bounds a transaction left open by an instance that stopped for good with nobody taking
+/// its partition.
 const TRANSACTION_TIMEOUT_MS: &str = "60000";
 
 enum Attempt {
