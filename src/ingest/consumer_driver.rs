@@ -209,9 +209,8 @@ impl DriverContext {
     fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         tracing::info!(?parts, "partitions assigned");
-        // Exactly-once: each recovery reads its committed offset after starting the partition's
-        // transactional producer, and only then. A read before it would wait (read_committed asks
-        // for stable offsets) until the broker times out a transaction a killed owner left open.
+        // At-least-once: one request for the whole assignment. Exactly-once: each recovery reads
+        // its own, after starting the partition's transactional producer (see `recovery`).
         let committed =
             if self.ctx.config.kafka.exactly_once { Ok(HashMap::new()) } else { self.committed(base, &parts) };
         // The scans run concurrently, so a slow store costs one request timeout, not one per
@@ -220,7 +219,8 @@ impl DriverContext {
             (Ok(committed), Some(consumer)) => self.rt.block_on(async {
                 let mut set = tokio::task::JoinSet::new();
                 for &p in &parts {
-                    let job = self.recovery(p, committed.get(&p).copied().flatten(), consumer.clone(), true);
+                    let read = committed.get(&p).copied();
+                    let job = self.recovery(p, read, consumer.clone(), true);
                     set.spawn(async move { (p, job.await) });
                 }
                 let mut out = Vec::new();
@@ -362,7 +362,7 @@ impl DriverContext {
     fn recovery(
         &self,
         p: i32,
-        committed: Option<i64>,
+        committed: Option<Option<i64>>,
         consumer: Arc<Consumer>,
         claim: bool,
     ) -> impl std::future::Future<Output = Result<Recovered, RecoveryFailure>> + Send + 'static {
@@ -370,13 +370,13 @@ impl DriverContext {
     }
 }
 
-/// See [`DriverContext::recovery`]. `committed` is the partition's committed offset as the caller
-/// read it; in exactly-once mode the caller reads none and the recovery reads its own.
+/// See [`DriverContext::recovery`]. `committed` is the partition's committed offset if the caller
+/// has read it already (`Some(None)`: nothing committed); otherwise the recovery reads it.
 async fn recovery(
     ctx: Arc<PipelineCtx>,
     supervisor: ActorCell,
     p: i32,
-    committed: Option<i64>,
+    committed: Option<Option<i64>>,
     consumer: Arc<Consumer>,
     claim: bool,
 ) -> Result<Recovered, RecoveryFailure> {
@@ -418,10 +418,10 @@ async fn recovery(
         }
     }
     // Exactly-once (issue 11, part 4): the partition's transactional producer starts before the
-    // committed offset is read. Starting it aborts the transaction an earlier owner left open and
-    // fences that owner, so the committed offset read after it is final.
-    // (The caller read no committed offset in this mode: that read would wait until the broker
-    // timed out a transaction a killed owner left open, which the start aborts at once.)
+    // committed offset is read, and the offset is read only then. Starting it aborts the
+    // transaction an earlier owner left open and fences that owner, so the offset read after it
+    // is final; read before it, `read_committed` would wait until the broker timed that
+    // transaction out.
     let (txn, committed) = if cfg.kafka.exactly_once {
         let (c, ctx2) = (consumer.clone(), ctx.clone());
         let started = tokio::task::spawn_blocking(move || {
@@ -434,7 +434,14 @@ async fn recovery(
         .await
         .map_err(|e| format!("transactional producer task failed: {e}"))??;
         (Some(Arc::new(started.0)), started.1)
+    } else if let Some(committed) = committed {
+        (None, committed)
     } else {
+        let (c, topic, timeout) = (consumer.clone(), cfg.kafka.topic.clone(), cfg.kafka.request_timeout);
+        let committed = tokio::task::spawn_blocking(move || committed_offset(&c, &topic, p, timeout))
+            .await
+            .map_err(|e| format!("committed-offset task failed: {e}"))?
+            .map_err(|e| format!("fetching the committed offset of partition {p}: {e}"))?;
         (None, committed)
     };
     let latest: Option<(RawFileName, u64)> =
@@ -813,25 +820,12 @@ fn retry_recoveries(consumer: &Arc<Consumer>) {
         let tx = dc.recoveries.lock().unwrap().0.clone();
         let (ctx, supervisor, consumer) = (dc.ctx.clone(), dc.supervisor.clone(), consumer.clone());
         dc.rt.spawn(async move {
-            // The committed offset is a blocking librdkafka request; the scan and spawn are async.
-            let c = consumer.clone();
-            let (topic, timeout) = (ctx.config.kafka.topic.clone(), ctx.config.kafka.request_timeout);
-            // Exactly-once: the recovery reads it after starting the transactional producer.
-            let eo = ctx.config.kafka.exactly_once;
-            let committed =
-                tokio::task::spawn_blocking(
-                    move || if eo { Ok(None) } else { committed_offset(&c, &topic, p, timeout) },
-                )
-                .await;
-            let result = match committed {
-                // A claim retried after its assignment was revoked would fence the new owner.
-                // (The driver discards this attempt's result too; this keeps it from writing.)
-                Ok(Ok(_)) if claim && !ctx.owns(p) => {
-                    Err(format!("partition {p} was revoked before its claim could be retried").into())
-                }
-                Ok(Ok(committed)) => recovery(ctx, supervisor, p, committed, consumer, claim).await,
-                Ok(Err(e)) => Err(format!("fetching the committed offset of partition {p}: {e}").into()),
-                Err(e) => Err(format!("committed-offset task failed: {e}").into()),
+            // A claim retried after its assignment was revoked would fence the new owner.
+            // (The driver discards this attempt's result too; this keeps it from writing.)
+            let result = if claim && !ctx.owns(p) {
+                Err(format!("partition {p} was revoked before its claim could be retried").into())
+            } else {
+                recovery(ctx, supervisor, p, None, consumer, claim).await
             };
             let _ = tx.send(RecoveryDone { partition: p, attempt: id, result });
         });

@@ -130,16 +130,12 @@ impl FlushTxn {
             if let Err(e) = aborted {
                 return Err(self.classify(&e, "aborting the transaction"));
             }
-            // Which delivery failed, and why: a size the DLQ topic refused is cut for the next
-            // try. The abort has purged what was in flight, so every future has resolved.
-            for (d, f) in letters.iter_mut().zip(deliveries) {
-                if let Some(f) = f
-                    && let Ok(Err((de, _))) = f.await
-                {
+            // Which deliveries failed, and why (the abort has purged what was in flight, so every
+            // future has resolved). A batch refused for its size fails every letter in it, so
+            // none is cut yet: they go alone next time, and one refused alone is cut then.
+            for f in deliveries.into_iter().flatten() {
+                if let Ok(Err((de, _))) = f.await {
                     one_by_one |= de.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
-                    if let Some(t) = d.truncated_for(&de) {
-                        *d = t;
-                    }
                 }
             }
             if give_up() {
@@ -168,9 +164,7 @@ impl FlushTxn {
                 Ok(f) if one_by_one => match f.await {
                     Ok(Ok(_)) => deliveries.push(None),
                     Ok(Err((e, _))) => {
-                        if let Some(t) = d.truncated_for(&e) {
-                            *d = t;
-                        }
+                        cut_if_too_large(d, &e);
                         return Err(Attempt::Abort(format!("a dead letter was refused: {e}"), deliveries));
                     }
                     Err(_) => return Err(Attempt::Abort("a dead letter's delivery was cancelled".into(), deliveries)),
@@ -178,9 +172,7 @@ impl FlushTxn {
                 Ok(f) => deliveries.push(Some(f)),
                 Err(e) => {
                     // Refused before it left (its size, a full queue): cut it if that helps.
-                    if let Some(t) = d.truncated_for(&e) {
-                        *d = t;
-                    }
+                    cut_if_too_large(d, &e);
                     deliveries.push(None);
                     refused.get_or_insert(e);
                 }
@@ -260,6 +252,14 @@ enum Attempt {
     /// The producer cannot go on: the worker stops (fenced) or fails (and its recovery starts a
     /// new producer).
     Fatal(TxnError),
+}
+
+/// A dead letter whose size the DLQ topic refused goes as its prefix on the next try
+/// ([`DeadLetter::truncated_for`]).
+fn cut_if_too_large(d: &mut DeadLetter, e: &KafkaError) {
+    if let Some(t) = d.truncated_for(e) {
+        *d = t;
+    }
 }
 
 fn is_fatal(e: &KafkaError) -> bool {
