@@ -365,7 +365,7 @@ pub struct Sources {
 /// librdkafka properties trstream sets itself: overriding them through `kafka.properties` would
 /// break a guarantee (auto-commit breaks I1; a cooperative or KIP-848 protocol breaks the eager
 /// rebalance handling of the driver), so they are refused, naming the key to use instead.
-const OWNED_KAFKA_PROPERTIES: [(&str, &str); 13] = [
+const OWNED_KAFKA_PROPERTIES: [(&str, &str); 16] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("group.id", "kafka.group_id"),
     ("auto.offset.reset", "kafka.auto_offset_reset"),
@@ -379,6 +379,12 @@ const OWNED_KAFKA_PROPERTIES: [(&str, &str); 13] = [
     ("partition.assignment.strategy", "nothing: trstream drains partitions with the eager protocol"),
     ("group.protocol", "nothing: trstream drains partitions with the classic protocol"),
     ("transactional.id", "kafka.exactly_once: each partition has its own, <group_id>.<lake topic>.<partition>"),
+    (
+        "isolation.level",
+        "nothing: trstream reads read_committed, so that a producer's aborted transactions never reach the lake",
+    ),
+    ("enable.idempotence", "nothing: the DLQ producers are idempotent, which their transactions need"),
+    ("acks", "nothing: a dead letter counts as written only once every in-sync replica has it (acks=all, I1)"),
 ];
 
 /// `TRSTREAM_` variables that are not configuration keys.
@@ -536,6 +542,16 @@ impl Config {
                     "{} must be shorter than kafka.session_timeout ({}), or a slow drain loses the group",
                     humantime::format_duration(self.shutdown.drain_timeout),
                     humantime::format_duration(self.kafka.session_timeout)
+                ),
+            );
+        }
+        if self.s3.request_timeout >= self.shutdown.drain_timeout {
+            return err(
+                "s3.request_timeout",
+                format!(
+                    "{} must be shorter than shutdown.drain_timeout ({}): a drain must have time for at least one upload",
+                    humantime::format_duration(self.s3.request_timeout),
+                    humantime::format_duration(self.shutdown.drain_timeout)
                 ),
             );
         }
@@ -812,11 +828,22 @@ mod tests {
                 "[kafka.properties]\n\"partition.assignment.strategy\" = \"cooperative-sticky\"",
                 "kafka.properties.partition.assignment.strategy",
             ),
+            ("[kafka.properties]\n\"transactional.id\" = \"mine\"", "kafka.properties.transactional.id"),
+            ("[kafka.properties]\n\"isolation.level\" = \"read_uncommitted\"", "kafka.properties.isolation.level"),
+            ("[kafka.properties]\n\"enable.idempotence\" = \"false\"", "kafka.properties.enable.idempotence"),
+            ("[kafka.properties]\nacks = \"1\"", "kafka.properties.acks"),
+            ("[s3]\nrequest_timeout = \"30s\"\n[shutdown]\ndrain_timeout = \"20s\"", "s3.request_timeout"),
         ];
         for (text, key) in cases {
             let e = load_str(text, &[], &[]).unwrap_err();
             assert_eq!(&e.key, key, "{text}: {e}");
         }
+        // Two settings that only conflict together: the message names both, in the user's units.
+        let e = load_str("[s3]\nrequest_timeout = \"30s\"", &[], &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration error at `s3.request_timeout`: 30s must be shorter than shutdown.drain_timeout (20s): a drain must have time for at least one upload"
+        );
     }
 
     #[test]

@@ -63,8 +63,16 @@ pub struct RootState {
     children: HashMap<ActorId, (Child, ActorCell)>,
     generation: u64,
     restarts: HashMap<Child, RestartIntensity>,
+    /// The current delay before restarting a lake actor past its restart intensity.
+    lake_backoff: HashMap<Child, Duration>,
     shutting_down: bool,
 }
+
+/// A lake actor past `supervision.max_restarts` within `supervision.restart_window` is restarted
+/// after this, doubling up to [`LAKE_MAX_BACKOFF`], until one of its restarts is within the
+/// intensity again.
+const LAKE_FIRST_BACKOFF: Duration = Duration::from_secs(5);
+const LAKE_MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 impl RootActor {
     async fn start_child(
@@ -117,9 +125,38 @@ impl RootActor {
         if state.shutting_down {
             return Ok(());
         }
+        if let Some(fatal) = state.ctx.health.fatal.lock().unwrap().take() {
+            // Restarting would meet it again (and with static membership, fence the other member).
+            tracing::error!(actor = child.label(), reason = %fatal, "unrecoverable failure; stopping");
+            let reason = format!("the {} met a failure no restart can mend: {fatal}", child.label());
+            *state.ctx.health.exit_reason.lock().unwrap() = Some(reason.clone());
+            state.ctx.health.alive.store(false, Ordering::Relaxed);
+            myself.stop(Some(reason));
+            return Ok(());
+        }
         let sup = &state.ctx.config.supervision;
         let intensity = state.restarts.entry(child).or_insert_with(|| RestartIntensity::new(sup));
-        if let Err(count) = intensity.record() {
+        let over = intensity.record();
+        if let (Err(count), Child::Partitioner | Child::Compactor) = (over, child) {
+            // I10: the lake actors never take ingestion down with them. raw-data is the source of
+            // truth; a lake actor that keeps failing is retried less and less often, for ever.
+            let delay = *state
+                .lake_backoff
+                .entry(child)
+                .and_modify(|d| *d = (*d * 2).min(LAKE_MAX_BACKOFF))
+                .or_insert(LAKE_FIRST_BACKOFF);
+            tracing::error!(actor = child.label(), restarts = count, retry_in = ?delay, reason = %why,
+                "keeps failing; ingestion goes on, and it is restarted with backoff");
+            state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
+            state.ctx.stats.lake_restarts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::ACTOR_RESTARTS, "actor" => child.label()).increment(1);
+            myself.send_after(delay, move || RootMsg::Start(child));
+            return Ok(());
+        }
+        if over.is_ok() {
+            state.lake_backoff.remove(&child);
+        }
+        if let Err(count) = over {
             tracing::error!(actor = child.label(), reason = %why, "restart intensity exceeded; stopping");
             let reason = format!("gave up after {count} restarts of the {}: {why}", child.label());
             *state.ctx.health.exit_reason.lock().unwrap() = Some(reason.clone());
@@ -169,6 +206,7 @@ impl Actor for RootActor {
             children: HashMap::new(),
             generation: 0,
             restarts: HashMap::new(),
+            lake_backoff: HashMap::new(),
             shutting_down: false,
         };
         for child in children {

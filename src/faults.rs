@@ -35,6 +35,7 @@ pub struct Faults {
     /// Late writes struck and not landed yet.
     late_pending: std::sync::Arc<AtomicU32>,
     random: Option<RandomFaults>,
+    fatal_consumer_error: AtomicBool,
 }
 
 /// Steps of the partitioner and the compactor where a test can make the actor fail (I6).
@@ -289,6 +290,17 @@ impl Faults {
         self.arm(&self.panic_at, partition, offset);
     }
 
+    /// The consumer meets a fatal error (librdkafka's own, raised through its test hook) at the
+    /// driver's next round.
+    pub fn fatal_consumer_error(&self) {
+        self.fatal_consumer_error.store(true, Ordering::Relaxed);
+        self.armed.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn take_fatal_consumer_error(&self) -> bool {
+        self.armed.load(Ordering::Relaxed) && self.fatal_consumer_error.swap(false, Ordering::Relaxed)
+    }
+
     /// The next `times` flushes of `partition` fail after the upload and before the commit.
     pub fn crash_after_upload(&self, partition: i32, times: u32) {
         self.arm(&self.crash_after_upload, partition, times);
@@ -377,6 +389,13 @@ impl Faults {
     /// Late writes struck and not landed yet.
     pub fn late_writes_pending(&self) -> u32 {
         self.late_pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether a write of `kind` may be made late ([`Faults::late_write`]): a writer that does
+    /// not hold the whole body (a multipart upload) fetches it only then.
+    pub(crate) fn late_writes_possible(&self, kind: WriteKind) -> bool {
+        self.armed.load(Ordering::Relaxed)
+            && self.random.as_ref().is_some_and(|r| r.live.load(Ordering::Relaxed) && r.late[kind as usize] > 0.0)
     }
 
     /// A late write of `kind` (`late.<kind>` in `TRSTREAM_FAULTS`): when one strikes, the write

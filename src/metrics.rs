@@ -53,6 +53,8 @@ pub const COMPACTION_INPUT_FILES: &str = "trstream_compaction_input_files_total"
 pub const COMPACTION_INPUT_BYTES: &str = "trstream_compaction_input_bytes_total";
 pub const COMPACTION_OUTPUT_BYTES: &str = "trstream_compaction_output_bytes_total";
 pub const COMPACTION_RECOVERED: &str = "trstream_compaction_intents_recovered_total";
+pub const OBJECTS_QUARANTINED: &str = "trstream_objects_quarantined_total";
+pub const TABLE_FILES_REBUILT: &str = "trstream_table_files_rebuilt_total";
 pub const COMPACTION_ERRORS: &str = "trstream_compaction_errors_total";
 pub const ZOMBIE_WRITES_REFUSED: &str = "trstream_zombie_writes_refused_total";
 pub const PARTITIONS_FENCED: &str = "trstream_partitions_fenced_total";
@@ -152,6 +154,16 @@ fn describe() {
     describe_counter!(COMPACTION_INPUT_BYTES, Unit::Bytes, "Bytes of the files merged (before).");
     describe_counter!(COMPACTION_OUTPUT_BYTES, Unit::Bytes, "Bytes of the merged files (after).");
     describe_counter!(COMPACTION_RECOVERED, Unit::Count, "Compaction intents found at start, by outcome.");
+    describe_counter!(
+        OBJECTS_QUARANTINED,
+        Unit::Count,
+        "Lake objects that could not be read, moved to _trstream/quarantine/ with their reason (kind: raw, table, watermark, intent)."
+    );
+    describe_counter!(
+        TABLE_FILES_REBUILT,
+        Unit::Count,
+        "Quarantined table files rebuilt from the raw files under them."
+    );
     describe_counter!(COMPACTION_ERRORS, Unit::Count, "Failed compaction attempts (each retried).");
     describe_counter!(
         ZOMBIE_WRITES_REFUSED,
@@ -166,7 +178,7 @@ fn describe() {
     describe_gauge!(
         PARTITIONS_STOPPED,
         Unit::Count,
-        "Partitions stopped because their log is not the one the lake was made from (a re-created topic, another cluster); /readyz names them."
+        "Partitions stopped (parked): their log is not the one the lake was made from (a re-created topic, another cluster), or the DLQ refuses one of their dead letters for good; /readyz names each with its cause."
     );
     describe_counter!(PARTITIONS_STOPPED_TOTAL, Unit::Count, "Times a partition was stopped for that reason.");
     describe_counter!(
@@ -231,8 +243,12 @@ fn register() {
         PARTITIONS_FENCED,
         PARTITIONS_STOPPED_TOTAL,
         PROCESS_STALLS,
+        TABLE_FILES_REBUILT,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for kind in ["raw", "table", "watermark", "intent"] {
+        metrics::counter!(OBJECTS_QUARANTINED, "kind" => kind).increment(0);
     }
     for kind in ["raw", "table", "watermark", "intent", "offset_commit"] {
         metrics::counter!(ZOMBIE_WRITES_REFUSED, "kind" => kind).increment(0);
@@ -406,6 +422,10 @@ pub struct Stats {
     pub compaction_full_listings: AtomicU64,
     /// Restarts of the partitioner and the compactor.
     pub lake_restarts: AtomicU64,
+    /// Lake objects quarantined (I10).
+    pub quarantined: AtomicU64,
+    /// Quarantined table files rebuilt from raw-data.
+    pub table_files_rebuilt: AtomicU64,
     committed: Mutex<BTreeMap<i32, i64>>,
 }
 
@@ -443,6 +463,9 @@ pub struct Health {
     pub exit_reason: Mutex<Option<String>>,
     /// Partitions stopped because their log is not the lake's, and why.
     pub stopped: Mutex<std::collections::BTreeMap<i32, String>>,
+    /// A failure no restart can mend (a fatal consumer error), set by the child that met it: its
+    /// parent gives up at once with this reason instead of restarting it.
+    pub fatal: Mutex<Option<String>>,
 }
 
 impl Health {

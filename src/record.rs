@@ -124,9 +124,24 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// The longest `detail` kept, in bytes. A detail quotes the bad value, which can be as large as
+/// the record: cut, it still fits a DLQ header and a raw file's footer (the record itself is the
+/// DLQ record's payload).
+pub const MAX_DETAIL_BYTES: usize = 1024;
+
 impl Rejection {
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
+        let mut detail = detail.into();
+        if detail.len() > MAX_DETAIL_BYTES {
+            let total = detail.len();
+            let mut cut = MAX_DETAIL_BYTES - 64;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push_str(&format!("… (detail cut from {total} bytes)"));
+        }
+        Rejection { reason, detail }
     }
 }
 
@@ -319,6 +334,13 @@ fn parse_amount(raw: &RawValue) -> Result<i64, Rejection> {
     }
 }
 
+/// A Kafka record's broker timestamp in µs since the epoch, from its milliseconds as the client
+/// reports them (`None` or a negative value: the record has none). The daemon and the audit both
+/// read it through here, so they judge the same record by the same time.
+pub fn broker_time_us(millis: Option<i64>) -> Option<i64> {
+    millis.filter(|ms| *ms >= 0).map(|ms| ms.saturating_mul(1000))
+}
+
 /// Formats cents as a plain decimal string ("12.30").
 pub fn format_cents(cents: i64) -> String {
     format!("{}.{:02}", cents / 100, cents % 100)
@@ -341,8 +363,16 @@ impl Validator {
         &self.currencies
     }
 
-    /// Validates one Kafka payload, `now_us` being the ingest time (µs since epoch, UTC).
-    pub fn validate<'a>(&self, payload: Option<&'a [u8]>, now_us: i64) -> Result<Transaction<'a>, Rejection> {
+    /// Validates one Kafka payload. `broker_time_us` is the record's broker timestamp (µs since
+    /// the epoch, UTC; [`broker_time_us`] reads it): the time checks judge `event_time` against
+    /// it, never against the wall clock, so the answer is a pure function of the record and the
+    /// configuration (I8): a record read again after a crash, or by the audit, is classified the
+    /// same. A record without a timestamp (a pre-0.10 message format) skips the time checks.
+    pub fn validate<'a>(
+        &self,
+        payload: Option<&'a [u8]>,
+        broker_time_us: Option<i64>,
+    ) -> Result<Transaction<'a>, Rejection> {
         let bytes = match payload {
             Some(b) if !b.is_empty() => b,
             _ => return Err(Rejection::new(RejectReason::EmptyPayload, "message has no payload")),
@@ -413,22 +443,33 @@ impl Validator {
                 )
             })?
             .timestamp_micros();
-        let skew = i64::try_from(self.max_future_skew.as_micros()).unwrap_or(i64::MAX);
-        let age = i64::try_from(self.max_event_age.as_micros()).unwrap_or(i64::MAX);
-        if event_time_us > now_us.saturating_add(skew) {
-            return Err(Rejection::new(
-                RejectReason::EventTimeOutOfRange,
-                format!(
-                    "`event_time` {event_time} is more than {} in the future",
-                    humantime::format_duration(self.max_future_skew)
-                ),
-            ));
-        }
-        if event_time_us < now_us.saturating_sub(age) {
-            return Err(Rejection::new(
-                RejectReason::EventTimeOutOfRange,
-                format!("`event_time` {event_time} is older than {}", humantime::format_duration(self.max_event_age)),
-            ));
+        if let Some(broker_us) = broker_time_us {
+            let skew = i64::try_from(self.max_future_skew.as_micros()).unwrap_or(i64::MAX);
+            let age = i64::try_from(self.max_event_age.as_micros()).unwrap_or(i64::MAX);
+            let at = || {
+                chrono::DateTime::from_timestamp_micros(broker_us)
+                    .map_or_else(|| broker_us.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            };
+            if event_time_us > broker_us.saturating_add(skew) {
+                return Err(Rejection::new(
+                    RejectReason::EventTimeOutOfRange,
+                    format!(
+                        "`event_time` {event_time} is more than {} after the record's broker timestamp {} (validation.max_future_skew)",
+                        humantime::format_duration(self.max_future_skew),
+                        at()
+                    ),
+                ));
+            }
+            if event_time_us < broker_us.saturating_sub(age) {
+                return Err(Rejection::new(
+                    RejectReason::EventTimeOutOfRange,
+                    format!(
+                        "`event_time` {event_time} is more than {} before the record's broker timestamp {} (validation.max_event_age)",
+                        humantime::format_duration(self.max_event_age),
+                        at()
+                    ),
+                ));
+            }
         }
 
         Ok(Transaction {
@@ -493,7 +534,7 @@ mod tests {
 
     fn check(v: &Value) -> Result<i64, Rejection> {
         let bytes = serde_json::to_vec(v).unwrap();
-        Validator::default().validate(Some(&bytes), NOW_US).map(|t| t.amount_cents)
+        Validator::default().validate(Some(&bytes), Some(NOW_US)).map(|t| t.amount_cents)
     }
 
     fn reason_of(v: &Value) -> RejectReason {
@@ -521,7 +562,7 @@ mod tests {
     #[test]
     fn a_good_record_validates_with_all_fields() {
         let bytes = serde_json::to_vec(&good()).unwrap();
-        let t = Validator::default().validate(Some(&bytes), NOW_US).unwrap();
+        let t = Validator::default().validate(Some(&bytes), Some(NOW_US)).unwrap();
         assert_eq!(t.amount_cents, 1234);
         assert_eq!(t.transaction_type, "PAYMENT");
         assert_eq!(t.city.as_deref(), Some("Lyon"));
@@ -542,32 +583,32 @@ mod tests {
     #[test]
     fn empty_payload() {
         let v = Validator::default();
-        assert_eq!(v.validate(None, NOW_US).unwrap_err().reason, RejectReason::EmptyPayload);
-        assert_eq!(v.validate(Some(b""), NOW_US).unwrap_err().reason, RejectReason::EmptyPayload);
+        assert_eq!(v.validate(None, Some(NOW_US)).unwrap_err().reason, RejectReason::EmptyPayload);
+        assert_eq!(v.validate(Some(b""), Some(NOW_US)).unwrap_err().reason, RejectReason::EmptyPayload);
     }
 
     #[test]
     fn oversized_boundary() {
         let bytes = serde_json::to_vec(&good()).unwrap();
         let mut v = Validator { max_record_bytes: bytes.len(), ..Default::default() };
-        assert!(v.validate(Some(&bytes), NOW_US).is_ok(), "exactly at the limit passes");
+        assert!(v.validate(Some(&bytes), Some(NOW_US)).is_ok(), "exactly at the limit passes");
         v.max_record_bytes = bytes.len() - 1;
-        assert_eq!(v.validate(Some(&bytes), NOW_US).unwrap_err().reason, RejectReason::Oversized);
+        assert_eq!(v.validate(Some(&bytes), Some(NOW_US)).unwrap_err().reason, RejectReason::Oversized);
     }
 
     #[test]
     fn not_utf8() {
-        let r = Validator::default().validate(Some(&[b'{', 0xff, 0xfe, b'}']), NOW_US).unwrap_err();
+        let r = Validator::default().validate(Some(&[b'{', 0xff, 0xfe, b'}']), Some(NOW_US)).unwrap_err();
         assert_eq!(r.reason, RejectReason::NotUtf8);
     }
 
     #[test]
     fn malformed_json() {
         for bad in ["{", "not json", "[1,2]", "{\"transaction_id\": }"] {
-            let r = Validator::default().validate(Some(bad.as_bytes()), NOW_US).unwrap_err();
+            let r = Validator::default().validate(Some(bad.as_bytes()), Some(NOW_US)).unwrap_err();
             assert!(matches!(r.reason, RejectReason::MalformedJson | RejectReason::InvalidType), "{bad}: {r}");
         }
-        let r = Validator::default().validate(Some(b"{"), NOW_US).unwrap_err();
+        let r = Validator::default().validate(Some(b"{"), Some(NOW_US)).unwrap_err();
         assert_eq!(r.reason, RejectReason::MalformedJson);
     }
 
@@ -653,7 +694,7 @@ mod tests {
         assert_eq!(reason_of(&with("currency", json!("eur"))), RejectReason::UnknownCurrency);
         let v = Validator::new(vec!["XXX".into()], 1024, Duration::from_secs(1), Duration::MAX);
         let bytes = serde_json::to_vec(&with("currency", json!("XXX"))).unwrap();
-        assert!(v.validate(Some(&bytes), NOW_US).is_ok(), "the allow-list is configurable");
+        assert!(v.validate(Some(&bytes), Some(NOW_US)).is_ok(), "the allow-list is configurable");
     }
 
     #[test]
@@ -703,9 +744,38 @@ mod tests {
     }
 
     #[test]
+    fn time_checks_judge_by_the_broker_timestamp_alone() {
+        // I8: a record from 2020 whose event_time is 2020 is valid today, and one sent now whose
+        // event_time lies a minute past the skew is invalid for ever, however late it is read.
+        let bytes = serde_json::to_vec(&with("event_time", json!("2020-03-01T12:00:00Z"))).unwrap();
+        let sent_2020 = chrono::DateTime::parse_from_rfc3339("2020-03-01T12:01:00Z").unwrap().timestamp_micros();
+        assert!(Validator::default().validate(Some(&bytes), Some(sent_2020)).is_ok());
+        let r = Validator::default().validate(Some(&bytes), Some(NOW_US)).unwrap_err();
+        assert_eq!(r.reason, RejectReason::EventTimeOutOfRange);
+        assert!(r.detail.contains("broker timestamp 2026-01-01T00:00:00.000Z"), "{}", r.detail);
+        // No broker timestamp (a message format before 0.10): nothing to judge the time by.
+        assert!(Validator::default().validate(Some(&bytes), None).is_ok());
+        assert_eq!(broker_time_us(Some(1_500)), Some(1_500_000));
+        assert_eq!(broker_time_us(Some(-1)), None);
+        assert_eq!(broker_time_us(None), None);
+    }
+
+    #[test]
+    fn a_detail_quoting_a_huge_value_is_cut_on_a_character_boundary() {
+        let r = check(&with("transaction_type", json!("é".repeat(300_000)))).unwrap_err();
+        assert_eq!(r.reason, RejectReason::InvalidEnum);
+        assert!(r.detail.len() <= MAX_DETAIL_BYTES, "{} bytes", r.detail.len());
+        assert!(r.detail.starts_with("`transaction_type` is \"éé"), "{}", &r.detail[..40]);
+        let total: usize = r.detail.rsplit("cut from ").next().unwrap().trim_end_matches(" bytes)").parse().unwrap();
+        assert!(total > 600_000, "names the length it was cut from: {total}");
+        let short = check(&with("currency", json!("XXX"))).unwrap_err();
+        assert!(!short.detail.contains("cut from"), "{}", short.detail);
+    }
+
+    #[test]
     fn escaped_strings_are_decoded() {
         let t = br#"{"transaction_id":"6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b","user_id":"u\u00e9","account_id":"a","transaction_type":"DEBIT","amount":"1.00","currency":"USD","country":"US","channel":"ATM","status":"PENDING","event_time":"2025-12-31T00:00:00Z"}"#;
-        let v = Validator::default().validate(Some(t), NOW_US).unwrap();
+        let v = Validator::default().validate(Some(t), Some(NOW_US)).unwrap();
         assert_eq!(v.user_id, "ué");
     }
 
@@ -724,7 +794,7 @@ mod tests {
             let t = format!(
                 r#"{{"transaction_id":"{spelling}","user_id":"u","account_id":"a","transaction_type":"DEBIT","amount":"1.00","currency":"USD","country":"US","channel":"ATM","status":"PENDING","event_time":"2025-12-31T00:00:00Z"}}"#
             );
-            let v = Validator::default().validate(Some(t.as_bytes()), NOW_US).unwrap();
+            let v = Validator::default().validate(Some(t.as_bytes()), Some(NOW_US)).unwrap();
             assert_eq!(v.transaction_id, canonical, "{spelling}");
         }
     }

@@ -343,3 +343,194 @@ async fn a_lake_from_another_incarnation_of_the_topic_stops_its_partitions_until
     assert_eq!(report.total.valid, new_valid);
     assert_eq!(report.total.raw_missing, Some(0));
 }
+
+/// I8 (issue 12): a record's class is a function of the record, never of the clock that reads
+/// it. Two records are judged by their broker timestamps: A was sent an hour ago (its timestamp
+/// says so) with an `event_time` a minute past it, B now with an `event_time` 2.5 s ahead (the
+/// skew allowed is 1 s). The worker reads both, then, once the wall clock has passed B's
+/// `event_time`, crashes before any upload, and reads them again. Judged by the wall clock, A is
+/// valid on both reads and B on the second (it then went to the lake, and with at-least-once
+/// dead letters to the DLQ as well). Judged by the record, both are in the DLQ once and in the
+/// lake never, and the audit (which reads the same timestamps) agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_judged_by_its_time_is_judged_the_same_when_read_again_later() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let mut h = Harness::new(1).await;
+    let mut config = h.drain_only_config();
+    config.kafka.exactly_once = true;
+    config.validation.max_future_skew = Duration::from_secs(1);
+    let faults = Arc::new(Faults::default());
+    let pipeline = trstream::start(config.clone(), faults.clone()).await.unwrap();
+    let stats = pipeline.stats.clone();
+    h.produce(20);
+    wait_for("the first records consumed", DONE, || Stats::get(&stats.consumed) >= 20).await;
+    let (a, b, c) = (20, 21, 22); // the offsets of the records below
+    faults.panic_at_offset(0, c);
+
+    let record = |id: &str, event_time: chrono::DateTime<chrono::Utc>| {
+        format!(
+            r#"{{"transaction_id":"{id}","user_id":"u-{id}","account_id":"a","transaction_type":"DEBIT","amount":"1.00","currency":"USD","country":"US","channel":"ATM","status":"PENDING","event_time":"{}"}}"#,
+            event_time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", &h.kafka.bootstrap).create().unwrap();
+    let send = |payload: &str, sent: chrono::DateTime<chrono::Utc>| {
+        let r = BaseRecord::<str, str>::to(common::TOPIC).key("u").payload(payload).timestamp(sent.timestamp_millis());
+        producer.send(r).map_err(|(e, _)| e).unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+    };
+    let now = chrono::Utc::now();
+    let hour_ago = now - chrono::Duration::hours(1);
+    send(&record("00000000-0000-4000-8000-00000000000a", hour_ago + chrono::Duration::minutes(1)), hour_ago);
+    let b_time = now + chrono::Duration::milliseconds(2_500);
+    send(&record("00000000-0000-4000-8000-00000000000b", b_time), now);
+    wait_for("A and B consumed", DONE, || Stats::get(&stats.consumed) >= 22).await;
+    wait_for("the wall clock passes B's event_time", DONE, || chrono::Utc::now() > b_time).await;
+    send(&record("00000000-0000-4000-8000-00000000000c", chrono::Utc::now()), chrono::Utc::now());
+    wait_for("the worker crashed at C and was restarted", DONE, || Stats::get(&stats.restarts) == 1).await;
+    wait_for("A, B and C read again", DONE, || Stats::get(&stats.consumed) >= 22 + 23).await;
+    pipeline.shutdown().await;
+    assert_eq!(stats.committed().get(&0).copied(), Some(c + 1), "the drain committed everything");
+
+    let in_lake: Vec<i64> = h.lake_rows().iter().map(|r| r.2).collect();
+    assert!(in_lake.contains(&c), "C is in the lake: {in_lake:?}");
+    for (name, offset) in [("A", a), ("B", b)] {
+        assert!(!in_lake.contains(&offset), "{name} is not in the lake");
+        let dead: Vec<_> = h.dlq_records().into_iter().filter(|d| d.3 == offset).collect();
+        assert_eq!(dead.len(), 1, "{name} is in the DLQ once: {dead:?}");
+        assert_eq!(dead[0].1, "event_time_out_of_range", "{name}");
+    }
+    let report = h.audit(&config).await;
+    assert!(report.clean, "the audit classifies as the daemon did: {}", report.to_table());
+}
+
+/// Sends one record with `key` and `payload` to `partition`; returns its offset.
+async fn send_raw(h: &Harness, partition: i32, key: &[u8], payload: &[u8]) -> i64 {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &h.kafka.bootstrap)
+        .set("message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let record = FutureRecord::<[u8], [u8]>::to(common::TOPIC).partition(partition).key(key).payload(payload);
+    let sent = producer.send(record, Duration::from_secs(30)).await;
+    sent.map_err(|(e, _)| e).expect("the broker takes the record").offset
+}
+
+/// Letters that are each within the record size, but not their key or the `detail` quoting their
+/// bad value, against a DLQ topic that takes 100 kB records (issue 12): before, both were
+/// retried for ever (the key cannot be cut, the detail header was as large as the value) and
+/// the partition stalled with `/readyz` 200. Now the key is dropped with a header naming its
+/// length, the detail is cut, and the payload goes as its prefix.
+async fn huge_keys_and_details_reach_a_capped_dlq_topic(exactly_once: bool) {
+    let mut h = Harness::new(1).await;
+    let mut config = h.config();
+    config.kafka.exactly_once = exactly_once;
+    config.kafka.properties.insert("message.max.bytes".into(), "100000".into());
+    config.validation.max_record_bytes = 1 << 20;
+    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    let stats = pipeline.stats.clone();
+    h.produce(300);
+    let huge_key = vec![b'k'; 150 * 1024];
+    let keyed = send_raw(&h, 0, &huge_key, b"not json at all").await;
+    let quoted = format!(
+        r#"{{"transaction_id":"6f1c9a2e-3b4d-4e5f-8a9b-0c1d2e3f4a5b","user_id":"u","account_id":"a","transaction_type":"{}","amount":"1.00","currency":"USD","country":"US","channel":"ATM","status":"PENDING","event_time":"2026-01-01T00:00:00Z"}}"#,
+        "X".repeat(150 * 1024)
+    );
+    let detailed = send_raw(&h, 0, b"u", quoted.as_bytes()).await;
+    h.produce(300);
+    let end = h.end_offsets()[&0];
+    wait_for("every offset committed past both", DONE, || stats.committed().get(&0) == Some(&end)).await;
+    pipeline.shutdown().await;
+
+    let dead = h.dlq_messages();
+    let at = |offset: i64| {
+        let found: Vec<_> = dead.iter().filter(|m| m.header("source_offset") == offset.to_string()).collect();
+        assert_eq!(found.len(), 1, "offset {offset} is in the DLQ once");
+        found[0]
+    };
+    let k = at(keyed);
+    assert_eq!(k.key, None, "the key is dropped");
+    assert_eq!(k.header("key_dropped_bytes"), (150 * 1024).to_string(), "and its length named");
+    assert_eq!(k.payload, b"not json at all", "the payload is whole");
+    assert_eq!(k.header("reason"), "malformed_json");
+    let d = at(detailed);
+    assert_eq!(d.header("reason"), "invalid_enum");
+    assert_eq!(d.key.as_deref(), Some(&b"u"[..]));
+    let detail = d.header("detail");
+    assert!(detail.len() <= trstream::record::MAX_DETAIL_BYTES && detail.contains("cut from"), "{detail}");
+    assert_eq!(d.payload.len(), trstream::dlq::TRUNCATED_PAYLOAD_BYTES, "the payload goes as its prefix");
+    assert!(quoted.as_bytes().starts_with(&d.payload));
+    assert_eq!(d.header("payload_truncated_from"), quoted.len().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_keys_and_details_reach_a_capped_dlq_topic_at_least_once() {
+    huge_keys_and_details_reach_a_capped_dlq_topic(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_keys_and_details_reach_a_capped_dlq_topic_in_transactions() {
+    huge_keys_and_details_reach_a_capped_dlq_topic(true).await;
+}
+
+/// A dead letter the DLQ refuses whatever is cut (a topic that takes 20 kB records, below the
+/// 64 KiB prefix) parks its partition, loudly: `/readyz` 503 naming the partition, the offset and
+/// what to change, `trstream_partitions_stopped` 1, nothing committed past the record, no restart
+/// loop; the other partition goes on. Before, the send was retried for ever with `/readyz` 200.
+async fn a_dead_letter_refused_for_good_parks_its_partition(exactly_once: bool) {
+    let mut h = Harness::new(2).await;
+    let mut config = h.config();
+    config.kafka.exactly_once = exactly_once;
+    config.kafka.properties.insert("message.max.bytes".into(), "20000".into());
+    let pipeline = trstream::start(config, Arc::new(Faults::default())).await.unwrap();
+    let (stats, addr) = (pipeline.stats.clone(), pipeline.http_addr.expect("http server"));
+    h.produce(400);
+    let big = vec![b'x'; 100_000];
+    let refused = send_raw(&h, 0, b"big", &big).await;
+    h.produce(400);
+    wait_for("partition 0 parked", DONE, || pipeline.health.stopped.lock().unwrap().contains_key(&0)).await;
+    let end = h.end_offsets();
+    wait_for("partition 1 committed to its end", DONE, || stats.committed().get(&1) == end.get(&1)).await;
+    let readyz = http_get(addr, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+    let says = format!("partition 0 stopped: partition 0: the DLQ topic transactions.dlq refuses the dead letter of offset {refused} (oversized) for good");
+    assert!(readyz.contains(&says) && readyz.contains("max.message.bytes"), "names it and what to do: {readyz}");
+    assert_eq!(common::metric(addr, "trstream_partitions_stopped"), Some(1.0));
+    assert!(stats.committed().get(&0).is_none_or(|&c| c <= refused), "nothing committed past it: {:?}", stats.committed());
+    assert_eq!(Stats::get(&stats.restarts), 0, "parked, not restarted");
+    pipeline.shutdown().await;
+    assert!(h.dlq_records().iter().all(|d| (d.2, d.3) != (0, refused)), "the record is not in the DLQ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_for_good_parks_its_partition_at_least_once() {
+    a_dead_letter_refused_for_good_parks_its_partition(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_for_good_parks_its_partition_in_transactions() {
+    a_dead_letter_refused_for_good_parks_its_partition(true).await;
+}
+
+/// A fatal consumer error (librdkafka's own, raised through its test hook, as a static member
+/// fenced by another would get) stops the daemon at once, naming it: `/healthz` 503, no restart
+/// loop. Before, the consumer was polled for ever with `/healthz` 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_consumer_error_stops_the_daemon_naming_the_cause() {
+    let mut h = Harness::new(1).await;
+    let faults = Arc::new(Faults::default());
+    let mut pipeline = trstream::start(h.config(), faults.clone()).await.unwrap();
+    let (stats, addr) = (pipeline.stats.clone(), pipeline.http_addr.expect("http server"));
+    h.produce(200);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    faults.fatal_consumer_error();
+    let reason = tokio::time::timeout(DONE, pipeline.stopped()).await.expect("the daemon stops");
+    assert!(reason.contains("fatal error") && reason.contains("injected fault: a fatal consumer error"), "{reason}");
+    assert!(http_get(addr, "/healthz").starts_with("HTTP/1.1 503"));
+    assert_eq!(Stats::get(&stats.ingest_restarts), 0, "not restarted");
+    pipeline.shutdown().await;
+}

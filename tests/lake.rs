@@ -656,3 +656,123 @@ async fn a_watermark_written_by_another_writer_is_never_overwritten_unseen() {
     assert_clean(&h, &h.audit(&config).await);
     pipeline.shutdown().await;
 }
+
+/// Issue 12 (I10): poison in the lake stops nothing. Before the daemon starts, the lake holds a
+/// truncated raw file, a garbage watermark, a broken compaction intent, table files written by a
+/// newer trstream (an extra column) and one of them truncated. The daemon quarantines the four
+/// unreadable objects (each moved to `_trstream/quarantine/` with its reason), rebuilds the table
+/// file from raw-data, merges the newer files under the union schema, ingests on, and never
+/// restarts an actor; the audit lists exactly what was quarantined and counts the truncated raw
+/// file's rows as missing, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged() {
+    use arrow_array::{Array, RecordBatch, StringArray};
+    use std::sync::Arc as A;
+    use trstream::lake::{parquet, table};
+    let mut h = Harness::new(2).await;
+    // Raw files only, small ones, so that partition 0 has several.
+    let mut raw_only = h.config();
+    (raw_only.partitioner.enabled, raw_only.compactor.enabled) = (false, false);
+    raw_only.flush.max_rows = 300;
+    let pipeline = trstream::start(raw_only, Arc::new(Faults::default())).await.unwrap();
+    h.produce(4_000);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    let lake = h.dir.path().to_path_buf();
+    let table_dir = lake.join("tb-transactions");
+    let p0: Vec<(RawFileName, std::path::PathBuf)> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
+    assert!(p0.len() >= 3, "partition 0 has several raw files: {}", p0.len());
+
+    // A newer trstream partitioned p0's first raw file: its table files carry an extra column,
+    // and the watermark is past it. One of those files is truncated.
+    let (first, first_path) = &p0[0];
+    let batch = read_lake_file(first_path);
+    let parts = table::split(&batch).unwrap();
+    assert!(parts.len() >= 2, "the first file spans several Hive partitions");
+    let mut truncated_table_key = String::new();
+    for (i, (hive, part)) in parts.iter().enumerate() {
+        let tier: StringArray = (0..part.num_rows()).map(|_| Some("gold")).collect();
+        let mut fields: Vec<_> = part.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(arrow_schema::Field::new("loyalty_tier", arrow_schema::DataType::Utf8, true));
+        let mut columns = part.columns().to_vec();
+        columns.push(A::new(tier) as A<dyn Array>);
+        let newer = RecordBatch::try_new(A::new(arrow_schema::Schema::new(fields)), columns).unwrap();
+        let mut bytes = parquet::encode_with(&newer, parquet::source_metadata(first, part.num_rows()), 3, 100_000).unwrap();
+        let key = hive.file_key(first);
+        if i == 0 {
+            bytes.truncate(bytes.len() / 2);
+            truncated_table_key = key.clone();
+        }
+        let path = table_dir.join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let write = |key: &str, body: &[u8]| {
+        let path = table_dir.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    };
+    let wm = table::Watermark {
+        topic: common::TOPIC.into(),
+        partition: 0,
+        last_offset: first.last_offset,
+        raw_file: first.key(&h.config().s3.raw_prefix),
+        updated_at: "2026-01-01T00:00:00Z".into(),
+    };
+    write(&table::watermark_key(common::TOPIC, 0), &serde_json::to_vec(&wm).unwrap());
+    // A truncated raw file: p0's second. Its rows are lost to the table (still in Kafka).
+    let (second, second_path) = &p0[1];
+    let lost = read_lake_file(second_path).num_rows() as u64;
+    let body = std::fs::read(second_path).unwrap();
+    std::fs::write(second_path, &body[..body.len() / 2]).unwrap();
+    // Garbage bookkeeping of partition 1.
+    let garbage_watermark = table::watermark_key(common::TOPIC, 1);
+    write(&garbage_watermark, b"{ this is not a watermark");
+    let broken_intent = format!("{}broken.json", table::intents_prefix(common::TOPIC, 1));
+    write(&broken_intent, b"\x00\x01 not json");
+
+    let config = h.lake_config();
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    let stats = pipeline.stats.clone();
+    h.produce(2_000);
+    settle(&h).await;
+    let report = h.audit(&config).await;
+    pipeline.shutdown().await;
+
+    let mut quarantined: Vec<(String, String, String)> =
+        report.quarantined.iter().map(|q| (q.bucket.clone(), q.kind.clone(), q.key.clone())).collect();
+    quarantined.sort();
+    let mut expected = vec![
+        ("raw-data".to_string(), "raw".to_string(), second.key(&config.s3.raw_prefix)),
+        ("tb-transactions".into(), "intent".into(), broken_intent.clone()),
+        ("tb-transactions".into(), "table".into(), truncated_table_key.clone()),
+        ("tb-transactions".into(), "watermark".into(), garbage_watermark.clone()),
+    ];
+    expected.sort();
+    assert_eq!(quarantined, expected, "the audit lists exactly what was quarantined:\n{}", report.to_table());
+    for (bucket, _, key) in &expected {
+        let dir = lake.join(bucket).join("_trstream/quarantine");
+        assert!(dir.join(key).exists(), "{key} was moved aside, not deleted");
+        assert!(dir.join(format!("{key}.reason.json")).exists(), "{key} has its reason");
+    }
+    assert!(report.unreadable.is_empty(), "{:?}", report.unreadable);
+    let t = &report.total;
+    assert_eq!(t.valid, h.valid_produced());
+    assert_eq!((t.missing, t.duplicated, t.unexpected), (lost, 0, 0), "only the truncated raw file's rows are missing:\n{}", report.to_table());
+    assert_eq!((t.raw_missing, t.raw_duplicated), (Some(lost), Some(0)));
+    assert_eq!(t.in_dlq, t.invalid);
+    assert_eq!(Stats::get(&stats.quarantined), 4);
+    assert_eq!(Stats::get(&stats.table_files_rebuilt), 1);
+    assert_eq!(Stats::get(&stats.lake_restarts), 0, "no lake actor failed");
+    assert_eq!(Stats::get(&stats.restarts), 0, "no actor failed");
+    // The newer files were merged under the union schema: the column is there, with its values.
+    let with_tier: usize = h
+        .table_files_with_paths()
+        .iter()
+        .filter(|(_, _, n)| n.partition == 0)
+        .map(|(path, _, _)| read_lake_file(path))
+        .filter_map(|b| b.column_by_name("loyalty_tier").map(|c| c.len() - c.null_count()))
+        .sum();
+    let expected_tier: usize = parts.iter().skip(1).map(|(_, p)| p.num_rows()).sum();
+    assert_eq!(with_tier, expected_tier, "every row of the newer files keeps its loyalty_tier");
+}

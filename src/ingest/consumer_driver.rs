@@ -548,8 +548,10 @@ fn committed_offset(consumer: &Consumer, topic: &str, p: i32, timeout: Duration)
         .map_err(|e| e.to_string())
 }
 
-/// The driver loop; returns when shut down or aborted.
-pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
+/// The driver loop; returns when shut down or aborted (`None`), or with the reason when the
+/// consumer met a fatal error (librdkafka's word for one it cannot go on after: a static member
+/// fenced by another with its `group.instance.id`, say), which no restart mends.
+pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) -> Option<String> {
     let dc = consumer.context();
     let recoveries = dc.recoveries.lock().unwrap().1.take().expect("the driver loop runs once per consumer");
     let mut last_gauge = Instant::now();
@@ -564,10 +566,15 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
                 Ok(DriverCmd::Stopped { partition, worker, reason }) => {
                     on_worker_stopped(&consumer, partition, worker, reason)
                 }
-                Ok(DriverCmd::Shutdown { deadline }) => return shutdown(&consumer, deadline),
-                Ok(DriverCmd::Abort) => return abort(&consumer),
+                Ok(DriverCmd::Shutdown { deadline }) => {
+                    shutdown(&consumer, deadline);
+                    return None;
+                }
+                Ok(DriverCmd::Abort) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    abort(&consumer);
+                    return None;
+                }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return abort(&consumer),
             }
         }
         while let Ok(done) = recoveries.try_recv() {
@@ -601,13 +608,19 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
                     if matches!(st.slots.get(&msg.partition()), Some(Slot::Ready { .. })) {
                         st.pending.entry(msg.partition()).or_default().push(
                             msg.offset(),
-                            msg.timestamp().to_millis().map_or(0, |ms| ms.saturating_mul(1000)),
+                            crate::record::broker_time_us(msg.timestamp().to_millis()),
                             msg.key(),
                             msg.payload(),
                         );
                     }
                 }
                 Some(Err(e)) => {
+                    if let Some((code, why)) = consumer.client().fatal_error() {
+                        let reason = format!("the Kafka consumer hit a fatal error ({code:?}): {why}");
+                        tracing::error!("{reason}; nothing more is read or committed");
+                        abort(&consumer);
+                        return Some(reason);
+                    }
                     tracing::warn!(error = %e, "consumer error");
                     break;
                 }
@@ -618,6 +631,9 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) {
         // Polled records not yet handed over are lost with the driver: the restarted ingest
         // subtree reads them again from the committed offsets.
         dc.ctx.faults.maybe_panic(Kind::ConsumerDriver, "routing");
+        if dc.ctx.faults.take_fatal_consumer_error() {
+            raise_fatal_error(&consumer);
+        }
         dispatch(dc);
         holding = back_pressure(&consumer, &mut pressure_since);
         retry_recoveries(&consumer);
@@ -1016,4 +1032,19 @@ fn leave_group(consumer: &Arc<Consumer>) {
     dc.ctx.health.consuming.store(false, Ordering::Relaxed);
     let reported: Vec<i32> = dc.lag_reported.lock().unwrap().iter().copied().collect();
     dc.clear_lag(&reported);
+}
+
+/// Makes librdkafka raise a fatal error on `consumer`, as a fenced static member would get
+/// (the test hook [`crate::faults::Faults::fatal_consumer_error`]).
+fn raise_fatal_error(consumer: &Consumer) {
+    let reason = c"injected fault: a fatal consumer error";
+    // SAFETY: the client pointer is valid while `consumer` lives, and librdkafka copies the
+    // reason before returning.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            consumer.client().native_ptr(),
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR__FENCED,
+            reason.as_ptr(),
+        );
+    }
 }

@@ -33,9 +33,60 @@ pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
 /// the DLQ producer accepts as much, so that an oversized record keeps its bytes.
 const MAX_DLQ_MESSAGE_BYTES: &str = "100000000";
 
+/// Set when the record's key was longer than [`MAX_KEY_BYTES`]: the DLQ record has no key and
+/// this header holds the key's length. The key is still in the source topic at the offset named.
+pub const HEADER_KEY_DROPPED_BYTES: &str = "key_dropped_bytes";
+/// The longest key a dead letter keeps. Keys are user ids (64 characters at most when valid); a
+/// longer one would count against the DLQ topic's record size, where no cut of the payload helps.
+pub const MAX_KEY_BYTES: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 #[error("DLQ producer could not be created: {0}")]
 pub struct DlqError(#[from] rdkafka::error::KafkaError);
+
+/// The DLQ refused a dead letter in a way that sending it again cannot change (its size after the
+/// cut, a missing permission, a record the topic's policy refuses). The partition is parked: its
+/// records stay in the source topic, nothing past the offset is committed, `/readyz` names it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "partition {partition}: the DLQ topic {topic} refuses the dead letter of offset {offset} ({reason}) for good: {error}. The partition is parked: nothing of it past that offset is committed until the cause is fixed (for a size refusal, raise the topic's max.message.bytes above {TRUNCATED_PAYLOAD_BYTES} bytes; for an authorization refusal, grant the daemon's principal Write on the topic) and the partition is assigned again (restart the daemon)"
+)]
+pub struct DlqRefused {
+    pub partition: i32,
+    pub offset: i64,
+    pub topic: String,
+    pub reason: String,
+    pub error: String,
+}
+
+/// Whether `err`, the DLQ's answer to a dead letter, means sending the same record again will be
+/// refused again. A size refusal counts once the payload is cut ([`DeadLetter::truncated_for`]).
+pub fn refused_for_good(err: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as E;
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            E::MessageSizeTooLarge
+                | E::InvalidMessageSize
+                | E::MessageBatchTooLarge
+                | E::InvalidRecord
+                | E::InvalidRequiredAcks
+                | E::PolicyViolation
+                | E::TopicAuthorizationFailed
+                | E::ClusterAuthorizationFailed
+                | E::TransactionalIdAuthorizationFailed
+        )
+    )
+}
+
+/// What became of a dead letter that was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Refused(#[from] DlqRefused),
+    #[error("DLQ write for offset {offset} abandoned at shutdown: {error}")]
+    Abandoned { offset: i64, error: rdkafka::error::KafkaError },
+}
 
 /// One invalid record, kept until its DLQ write is acknowledged.
 #[derive(Debug, Clone)]
@@ -64,16 +115,35 @@ pub fn producer_config(base: &ClientConfig) -> ClientConfig {
 }
 
 impl DeadLetter {
+    /// The [`DlqRefused`] for this letter, refused with `err`.
+    pub fn refused(&self, topic: &str, err: &rdkafka::error::KafkaError) -> DlqRefused {
+        DlqRefused {
+            partition: self.source_partition,
+            offset: self.source_offset,
+            topic: topic.to_string(),
+            reason: self.rejection.reason.as_str().to_string(),
+            error: err.to_string(),
+        }
+    }
+
+    /// Whether the DLQ's refusal `err` is final for this letter: nothing left to cut, and a
+    /// refusal no retry changes.
+    pub fn refused_for_good(&self, err: &rdkafka::error::KafkaError) -> bool {
+        refused_for_good(err) && self.truncated_for_quiet(err).is_none()
+    }
+
+    fn truncated_for_quiet(&self, err: &rdkafka::error::KafkaError) -> Option<usize> {
+        let len = self.payload.as_ref().map_or(0, Vec::len);
+        (self.truncated_from.is_none()
+            && len > TRUNCATED_PAYLOAD_BYTES
+            && err.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge))
+        .then_some(len)
+    }
+
     /// The same dead letter with its payload cut to [`TRUNCATED_PAYLOAD_BYTES`], when `err` says
     /// the DLQ topic refused its size and cutting it helps.
     pub fn truncated_for(&self, err: &rdkafka::error::KafkaError) -> Option<DeadLetter> {
-        let len = self.payload.as_ref().map_or(0, Vec::len);
-        if self.truncated_from.is_some()
-            || len <= TRUNCATED_PAYLOAD_BYTES
-            || err.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
-        {
-            return None;
-        }
+        let len = self.truncated_for_quiet(err)?;
         // The DLQ topic takes smaller records than the source topic: keep the reason, the source
         // coordinates and a prefix rather than stall the partition for ever.
         tracing::warn!(partition = self.source_partition, offset = self.source_offset, bytes = len, error = %err,
@@ -182,13 +252,19 @@ impl DlqProducer {
             Some(n) => headers.insert(Header { key: HEADER_PAYLOAD_TRUNCATED_FROM, value: Some(n.as_str()) }),
             None => headers,
         };
+        let key = dl.key.as_deref().filter(|k| k.len() <= MAX_KEY_BYTES);
+        let dropped = dl.key.as_ref().filter(|_| key.is_none()).map(|k| k.len().to_string());
+        let headers = match &dropped {
+            Some(n) => headers.insert(Header { key: HEADER_KEY_DROPPED_BYTES, value: Some(n.as_str()) }),
+            None => headers,
+        };
         let headers = match self.source_incarnation.as_str() {
             "" => headers,
             label => headers.insert(Header { key: HEADER_SOURCE_INCARNATION, value: Some(label) }),
         };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
-        if let Some(k) = &dl.key {
-            record = record.key(k.as_slice());
+        if let Some(k) = key {
+            record = record.key(k);
         }
         if let Some(p) = &dl.payload {
             record = record.payload(p.as_slice());
@@ -201,15 +277,16 @@ impl DlqProducer {
         &self.topic
     }
 
-    /// Sends and waits for the acknowledgement, retrying with backoff until acknowledged or
-    /// `give_up` says stop. Used for re-sends; the hot path pipelines [`DlqProducer::send`].
+    /// Sends and waits for the acknowledgement, retrying with backoff until acknowledged,
+    /// refused for good ([`DeadLetter::refused_for_good`]) or `give_up` says stop. Used for
+    /// re-sends; the hot path pipelines [`DlqProducer::send`].
     pub async fn send_acked(
         &self,
         dl: &DeadLetter,
         backoff: Duration,
         max_backoff: Duration,
         give_up: impl Fn() -> bool,
-    ) -> Result<(), rdkafka::error::KafkaError> {
+    ) -> Result<(), SendError> {
         let mut wait = backoff;
         let mut truncated = None;
         loop {
@@ -228,9 +305,13 @@ impl DlqProducer {
                 truncated = Some(t);
                 continue;
             }
+            let sent = truncated.as_ref().unwrap_or(dl);
+            if sent.refused_for_good(&err) {
+                return Err(sent.refused(&self.topic, &err).into());
+            }
             tracing::warn!(partition = dl.source_partition, offset = dl.source_offset, error = %err, "DLQ delivery failed, retrying");
             if give_up() {
-                return Err(err);
+                return Err(SendError::Abandoned { offset: dl.source_offset, error: err });
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(max_backoff);

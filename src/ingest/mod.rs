@@ -98,12 +98,17 @@ impl Actor for IngestSupervisor {
             .map_err(|e| format!("subscribing to {}: {e}", ctx.config.kafka.topic))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let me = myself.clone();
+        let health = ctx.health.clone();
         let thread = std::thread::Builder::new()
             .name("trstream-consumer".into())
             .spawn(move || {
                 let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| consumer_driver::run(consumer, rx)));
                 let why = match res {
-                    Ok(()) => "stopped".to_string(),
+                    Ok(None) => "stopped".to_string(),
+                    Ok(Some(fatal)) => {
+                        *health.fatal.lock().unwrap() = Some(fatal.clone());
+                        fatal
+                    }
                     Err(p) => format!(
                         "panicked: {}",
                         p.downcast_ref::<String>()
@@ -172,9 +177,14 @@ impl Actor for IngestSupervisor {
                 let _ = state.cmds.send(DriverCmd::Fenced { partition, worker: cell.get_id() });
                 return Ok(());
             }
-            if let Some(went_back) = err.downcast_ref::<incarnation::WentBack>() {
-                // Not a fault to restart either: the log is not the one this worker read.
-                let reason = went_back.0.clone();
+            let stopped = match (err.downcast_ref::<incarnation::WentBack>(), err.downcast_ref::<dlq::DlqRefused>()) {
+                // Not a fault to restart either: the log is not the one this worker read, or the
+                // DLQ refuses a dead letter whatever the number of tries (a restart would spin).
+                (Some(went_back), _) => Some(went_back.0.clone()),
+                (_, Some(refused)) => Some(refused.to_string()),
+                _ => None,
+            };
+            if let Some(reason) = stopped {
                 let _ = state.cmds.send(DriverCmd::Stopped { partition, worker: cell.get_id(), reason });
                 return Ok(());
             }

@@ -43,14 +43,15 @@ pub struct RecordChunk {
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkEntry {
     pub offset: i64,
-    /// The broker's (or producer's) timestamp, microseconds since the epoch; 0 when absent.
-    pub timestamp_us: i64,
+    /// The record's timestamp (the producer's or the broker's, as the topic says), microseconds
+    /// since the epoch; `None` when it has none ([`crate::record::broker_time_us`]).
+    pub timestamp_us: Option<i64>,
     pub key: Option<(u32, u32)>,
     pub payload: Option<(u32, u32)>,
 }
 
 impl RecordChunk {
-    pub fn push(&mut self, offset: i64, timestamp_us: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
+    pub fn push(&mut self, offset: i64, timestamp_us: Option<i64>, key: Option<&[u8]>, payload: Option<&[u8]>) {
         let mut put = |b: &[u8]| {
             let start = self.data.len() as u32;
             self.data.extend_from_slice(b);
@@ -169,7 +170,8 @@ pub struct PartitionWorkerState {
     adopted: Option<RawFileName>,
     redo: Option<Redo>,
     txn: Option<Arc<FlushTxn>>,
-    tick: Option<tokio::task::JoinHandle<()>>,
+    tick: Option<tokio::task::AbortHandle>,
+    tick_period: Duration,
 }
 
 pub struct PartitionWorker;
@@ -195,6 +197,15 @@ impl Trigger {
     }
 }
 
+/// A dead letter refused for good parks the partition (the supervisor reads the type); one
+/// abandoned at shutdown is a plain failure.
+fn send_failed(e: dlq::SendError) -> ActorProcessingErr {
+    match e {
+        dlq::SendError::Refused(r) => Box::new(r),
+        abandoned => abandoned.to_string().into(),
+    }
+}
+
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
@@ -211,7 +222,10 @@ impl Actor for PartitionWorker {
     ) -> Result<Self::State, ActorProcessingErr> {
         let max_age = args.ctx.config.flush.max_age;
         let period = (max_age / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let tick = myself.send_interval(period, || PartitionWorkerMsg::Tick);
+        // One tick in flight at a time, re-armed when it is handled: an interval would queue a
+        // tick per period in the mailbox while a flush is blocked (an S3 outage of an hour:
+        // thousands per partition, outside every cap, I4).
+        let tick = myself.send_after(period, || PartitionWorkerMsg::Tick).abort_handle();
         let pending_commit = match args.redo {
             Some(_) => None,
             None => args.adopted.as_ref().map(|f| (f.last_offset + 1, (f.last_offset + 1 - f.first_offset) as u64)),
@@ -236,6 +250,7 @@ impl Actor for PartitionWorker {
             redo: args.redo,
             txn: args.txn,
             tick: Some(tick),
+            tick_period: period,
         };
         Ok(state)
     }
@@ -253,7 +268,7 @@ impl Actor for PartitionWorker {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -276,8 +291,9 @@ impl Actor for PartitionWorker {
                 }
             }
             PartitionWorkerMsg::Records(chunk) => state.on_records(chunk).await?,
-            PartitionWorkerMsg::Tick if !state.started => {}
+            PartitionWorkerMsg::Tick if !state.started => state.rearm_tick(&myself),
             PartitionWorkerMsg::Tick => {
+                state.rearm_tick(&myself);
                 if let Some((next, covers)) = state.pending_commit {
                     state.commit(&mut [], next, covers).await?;
                 }
@@ -313,6 +329,12 @@ impl Window {
 }
 
 impl PartitionWorkerState {
+    /// Schedules the next tick (the one just received has left the mailbox). Re-armed before
+    /// the tick's work, so its period does not stretch by a flush's duration.
+    fn rearm_tick(&mut self, myself: &ActorRef<PartitionWorkerMsg>) {
+        self.tick = Some(myself.send_after(self.tick_period, || PartitionWorkerMsg::Tick).abort_handle());
+    }
+
     async fn drain(&mut self) -> Result<(), ActorProcessingErr> {
         if !self.started {
             return Ok(());
@@ -390,7 +412,7 @@ impl PartitionWorkerState {
             consumed += 1;
             let w = self.window.get_or_insert_with(|| Window::open(e.offset));
             let payload = chunk.slice(e.payload);
-            match self.ctx.validator.validate(payload, now_us) {
+            match self.ctx.validator.validate(payload, e.timestamp_us) {
                 Ok(t) => {
                     self.rows.push(&t, p, e.offset, now_us);
                     w.event_times_us.push(t.event_time_us);
@@ -415,8 +437,8 @@ impl PartitionWorkerState {
             w.last = e.offset;
             w.bytes += bytes;
             w.records += 1;
-            if e.timestamp_us > 0 {
-                w.broker_times_us.push(e.timestamp_us);
+            if let Some(t) = e.timestamp_us {
+                w.broker_times_us.push(t);
             }
             let over_bytes = w.bytes >= max_bytes;
             self.next_offset = Some(e.offset + 1);
@@ -429,6 +451,11 @@ impl PartitionWorkerState {
         }
         if skipped > 0 {
             self.budget.release(skipped_bytes, skipped as usize);
+        }
+        if let Some((next, covers)) = self.pending_commit.filter(|_| self.started) {
+            // The partition's first offset, committed at once rather than at the next tick: a
+            // crash in between would have resumed at `auto.offset.reset` ("latest" skips records).
+            self.commit(&mut [], next, covers).await?;
         }
         if consumed > 0 {
             metrics::counter!(m::RECORDS_CONSUMED, "partition" => self.partition_label.clone()).increment(consumed);
@@ -543,7 +570,7 @@ impl PartitionWorkerState {
                     .dlq
                     .send_acked(dl, upload.retry_initial_backoff, upload.retry_max_backoff, move || ctx.abandoning())
                     .await
-                    .map_err(|e| format!("DLQ write for offset {} abandoned at shutdown: {e}", dl.source_offset))?;
+                    .map_err(send_failed)?;
             }
             metrics::counter!(m::DLQ_RECORDS).increment(1);
         }
@@ -624,6 +651,7 @@ impl PartitionWorkerState {
                         Err(_) => Err(Box::new(f)),
                     };
                 }
+                Err(TxnError::Refused(r)) => return Err(Box::new(r)),
                 Err(TxnError::Failed(e)) => {
                     metrics::counter!(m::COMMIT_ERRORS).increment(1);
                     return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
@@ -632,11 +660,7 @@ impl PartitionWorkerState {
         } else {
             for dl in letters.iter() {
                 let ctx = self.ctx.clone();
-                self.ctx
-                    .dlq
-                    .send_acked(dl, retry.0, retry.1, move || ctx.abandoning())
-                    .await
-                    .map_err(|e| format!("DLQ write for offset {} abandoned at shutdown: {e}", dl.source_offset))?;
+                self.ctx.dlq.send_acked(dl, retry.0, retry.1, move || ctx.abandoning()).await.map_err(send_failed)?;
             }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&self.ctx.config.kafka.topic, self.partition, Offset::Offset(next))?;
@@ -684,10 +708,10 @@ mod tests {
     #[test]
     fn entry_shares_add_up_to_the_chunk() {
         let mut chunk = RecordChunk::default();
-        chunk.push(1, 0, Some(b"user-1"), Some(b"{\"a\":1}"));
-        chunk.push(2, 0, None, Some(b"{}"));
-        chunk.push(3, 0, Some(b"k"), None);
-        chunk.push(4, 0, None, None);
+        chunk.push(1, None, Some(b"user-1"), Some(b"{\"a\":1}"));
+        chunk.push(2, Some(0), None, Some(b"{}"));
+        chunk.push(3, None, Some(b"k"), None);
+        chunk.push(4, None, None, None);
         let sum: usize = chunk.entries.iter().map(RecordChunk::entry_bytes).sum();
         assert_eq!(sum, chunk.accounted_bytes());
         assert_eq!(chunk.slice(chunk.entries[0].key), Some(&b"user-1"[..]));

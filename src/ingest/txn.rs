@@ -57,6 +57,9 @@ pub struct TxnFenced {
 pub enum TxnError {
     #[error(transparent)]
     Fenced(#[from] TxnFenced),
+    /// A dead letter the DLQ refuses for good: the transaction was aborted, the partition parks.
+    #[error(transparent)]
+    Refused(#[from] dlq::DlqRefused),
     #[error("{0}")]
     Failed(String),
 }
@@ -116,10 +119,11 @@ impl FlushTxn {
         // each fit the topic but not together would be refused together for ever.
         let mut one_by_one = false;
         loop {
-            let (err, deliveries) = match self.try_commit(letters, next, consumer, one_by_one).await {
+            let (err, deliveries, mut park) = match self.try_commit(letters, next, consumer, one_by_one).await {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Abort(e, deliveries)) => (e, deliveries),
+                Err(Attempt::Abort(e, deliveries)) => (e, deliveries, None),
+                Err(Attempt::Park(r, deliveries)) => (r.to_string(), deliveries, Some(r)),
             };
             metrics::counter!(m::TXN_ABORTS).increment(1);
             tracing::warn!(partition = self.partition, transactional_id = %self.id, next_offset = next, dead_letters = letters.len(), error = %err, retry_in = ?wait, "transaction failed; aborting it");
@@ -133,10 +137,21 @@ impl FlushTxn {
             // Which deliveries failed, and why (the abort has purged what was in flight, so every
             // future has resolved). A batch refused for its size fails every letter in it, so
             // none is cut yet: they go alone next time, and one refused alone is cut then.
-            for f in deliveries.into_iter().flatten() {
+            // A refusal no retry changes (a permission, the topic's policy) parks the partition;
+            // a size refusal of a batch is only final for a letter sent alone.
+            for (i, f) in deliveries.into_iter().enumerate() {
+                let Some(f) = f else { continue };
                 if let Ok(Err((de, _))) = f.await {
-                    one_by_one |= de.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
+                    let size = de.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
+                    one_by_one |= size;
+                    if !size && park.is_none() && dlq::refused_for_good(&de) {
+                        park = Some(letters[i].refused(self.dlq.topic(), &de));
+                    }
                 }
+            }
+            if let Some(refused) = park {
+                metrics::counter!(m::DLQ_ERRORS).increment(1);
+                return Err(TxnError::Refused(refused));
             }
             if give_up() {
                 return Err(TxnError::Failed(format!(
@@ -164,7 +179,9 @@ impl FlushTxn {
                 Ok(f) if one_by_one => match f.await {
                     Ok(Ok(_)) => deliveries.push(None),
                     Ok(Err((e, _))) => {
-                        cut_if_too_large(d, &e);
+                        if !cut_if_too_large(d, &e) && d.refused_for_good(&e) {
+                            return Err(Attempt::Park(d.refused(self.dlq.topic(), &e), deliveries));
+                        }
                         return Err(Attempt::Abort(format!("a dead letter was refused: {e}"), deliveries));
                     }
                     Err(_) => return Err(Attempt::Abort("a dead letter's delivery was cancelled".into(), deliveries)),
@@ -172,7 +189,9 @@ impl FlushTxn {
                 Ok(f) => deliveries.push(Some(f)),
                 Err(e) => {
                     // Refused before it left (its size, a full queue): cut it if that helps.
-                    cut_if_too_large(d, &e);
+                    if !cut_if_too_large(d, &e) && d.refused_for_good(&e) {
+                        return Err(Attempt::Park(d.refused(self.dlq.topic(), &e), deliveries));
+                    }
                     deliveries.push(None);
                     refused.get_or_insert(e);
                 }
@@ -249,6 +268,8 @@ const TRANSACTION_TIMEOUT_MS: &str = "60000";
 enum Attempt {
     /// Abort the transaction and try again; the deliveries tell which dead letter failed.
     Abort(String, Vec<Option<rdkafka::producer::DeliveryFuture>>),
+    /// Abort the transaction and park the partition: a dead letter is refused for good.
+    Park(dlq::DlqRefused, Vec<Option<rdkafka::producer::DeliveryFuture>>),
     /// The producer cannot go on: the worker stops (fenced) or fails (and its recovery starts a
     /// new producer).
     Fatal(TxnError),
@@ -256,9 +277,13 @@ enum Attempt {
 
 /// A dead letter whose size the DLQ topic refused goes as its prefix on the next try
 /// ([`DeadLetter::truncated_for`]).
-fn cut_if_too_large(d: &mut DeadLetter, e: &KafkaError) {
-    if let Some(t) = d.truncated_for(e) {
-        *d = t;
+fn cut_if_too_large(d: &mut DeadLetter, e: &KafkaError) -> bool {
+    match d.truncated_for(e) {
+        Some(t) => {
+            *d = t;
+            true
+        }
+        None => false,
     }
 }
 

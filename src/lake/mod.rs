@@ -7,12 +7,13 @@
 pub mod keys;
 pub mod owners;
 pub mod parquet;
+pub mod quarantine;
 pub mod store;
 pub mod table;
 
 pub use keys::RawFileName;
 pub use owners::{FenceError, Fenced};
-pub use store::{CondPut, LakeStore, ObjectInfo, Precondition, PutOutcome, StoreError};
+pub use store::{CondPut, LakeStore, Multipart, ObjectInfo, Precondition, PutOutcome, StoreError};
 pub use table::HivePartition;
 
 /// Why a unit of partitioner or compactor work failed: the store (retry if

@@ -203,6 +203,16 @@ pub fn encode(
 /// file, footer included). `Ok(None)`: the file has no such entry. `Err(Some(n))`: the footer
 /// needs the last `n` bytes, more than `tail` holds.
 pub fn footer_value(tail: &[u8], key: &str) -> Result<Option<String>, Result<usize, String>> {
+    let meta = metadata_from_tail(tail)?;
+    Ok(meta
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|e| e.key == key))
+        .and_then(|e| e.value.clone()))
+}
+
+/// A Parquet file's metadata from its tail; `Err(Ok(n))`: the last `n` bytes are needed.
+fn metadata_from_tail(tail: &[u8]) -> Result<parquet::file::metadata::ParquetMetaData, Result<usize, String>> {
     let n = tail.len();
     if n < 8 || &tail[n - 4..] != b"PAR1" {
         return Err(Err("not a Parquet file (no PAR1 footer)".into()));
@@ -211,23 +221,27 @@ pub fn footer_value(tail: &[u8], key: &str) -> Result<Option<String>, Result<usi
     if len + 8 > n {
         return Err(Ok(len + 8));
     }
-    let meta = parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&tail[n - 8 - len..n - 8])
-        .map_err(|e| Err(e.to_string()))?;
-    Ok(meta
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|e| e.key == key))
-        .and_then(|e| e.value.clone()))
+    parquet::file::metadata::ParquetMetaDataReader::decode_metadata(&tail[n - 8 - len..n - 8])
+        .map_err(|e| Err(e.to_string()))
 }
 
-/// Encodes `batch` (of [`schema`]) with the lake's writer settings and the given metadata.
-pub fn encode_with(
-    batch: &RecordBatch,
+/// The Arrow schema of a Parquet file, from its tail (as [`footer_value`]).
+pub fn schema_from_tail(tail: &[u8]) -> Result<SchemaRef, Result<usize, String>> {
+    let meta = metadata_from_tail(tail)?;
+    let fm = meta.file_metadata();
+    let schema = parquet::arrow::parquet_to_arrow_schema(fm.schema_descr(), fm.key_value_metadata())
+        .map_err(|e| Err(e.to_string()))?;
+    // The file's key-value metadata is not part of the columns.
+    Ok(Arc::new(Schema::new(schema.fields().clone())))
+}
+
+/// The lake's writer settings with the given metadata.
+fn writer_properties(
     meta: Vec<KeyValue>,
     zstd_level: i32,
     row_group_rows: usize,
-) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    let props = WriterProperties::builder()
+) -> Result<WriterProperties, parquet::errors::ParquetError> {
+    Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_max_row_group_row_count(Some(row_group_rows))
@@ -236,19 +250,170 @@ pub fn encode_with(
         .set_column_dictionary_enabled(ColumnPath::from("transaction_id"), false)
         .set_column_dictionary_enabled(ColumnPath::from("kafka_offset"), false)
         .set_key_value_metadata(Some(meta))
-        .build();
+        .build())
+}
+
+/// A lake file written file by file and batch by batch, its bytes taken as they are encoded (a
+/// streamed merge): memory holds one batch and one row group being encoded, not the file.
+pub struct StreamWriter {
+    writer: ArrowWriter<Vec<u8>>,
+    schema: SchemaRef,
+    rows: usize,
+}
+
+/// A streamed file's row group is closed once its encoded size reaches this, even short of
+/// `parquet.row_group_rows` rows.
+const STREAM_ROW_GROUP_BYTES: usize = 32 << 20;
+
+impl StreamWriter {
+    /// A file of `schema` (from [`union_schema`]).
+    pub fn new(schema: SchemaRef, zstd_level: i32, row_group_rows: usize) -> Result<Self, parquet::errors::ParquetError> {
+        let props = writer_properties(Vec::new(), zstd_level, row_group_rows)?;
+        let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
+        Ok(StreamWriter { writer, schema, rows: 0 })
+    }
+
+    /// Appends every row of the lake file `bytes`, conformed to the schema, 8,192 at a time.
+    pub fn append_file(&mut self, bytes: bytes::Bytes) -> Result<(), DecodeError> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_batch_size(8192).build()?;
+        for batch in reader {
+            let batch = conform(&batch?, &self.schema)?;
+            self.writer.write(&batch)?;
+            self.rows += batch.num_rows();
+            if self.writer.in_progress_size() >= STREAM_ROW_GROUP_BYTES {
+                self.writer.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes encoded since the last call.
+    pub fn take_bytes(&mut self) -> Vec<u8> {
+        // The writer counts its offsets itself: taking what it wrote so far does not move them.
+        std::mem::take(self.writer.inner_mut())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Closes the file with `meta` in its footer; the bytes not taken yet.
+    pub fn finish(mut self, meta: Vec<KeyValue>) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+        for kv in meta {
+            self.writer.append_key_value_metadata(kv);
+        }
+        self.writer.into_inner()
+    }
+}
+
+/// Encodes `batch` (of [`schema`], or of a union of it with another version's columns) with the
+/// lake's writer settings and the given metadata.
+pub fn encode_with(
+    batch: &RecordBatch,
+    meta: Vec<KeyValue>,
+    zstd_level: i32,
+    row_group_rows: usize,
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let props = writer_properties(meta, zstd_level, row_group_rows)?;
     let mut out = Vec::with_capacity(batch.get_array_memory_size() / 4 + 4096);
-    let mut writer = ArrowWriter::try_new(&mut out, schema(), Some(props))?;
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
     writer.write(batch)?;
     writer.close()?;
     Ok(out)
 }
 
-/// Decodes a lake file (raw or table) into one batch of [`schema`].
-pub fn decode(bytes: bytes::Bytes) -> Result<RecordBatch, parquet::errors::ParquetError> {
+/// Why a lake file cannot be read as one (its reader quarantines it, I10).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a readable Parquet file: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("{0}")]
+    Schema(String),
+    #[error("{0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+}
+
+/// Decodes a lake file (raw or table) written by this version or another: its columns of
+/// [`schema`] by name and in that order (a nullable one the file lacks, an older version's, is
+/// all nulls), then the columns it has beyond them (a newer version's), nullable. A file that
+/// lacks a required column, or has one of another type, is an error.
+pub fn decode(bytes: bytes::Bytes) -> Result<RecordBatch, DecodeError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_batch_size(64 * 1024).build()?;
+    let file_schema = arrow_array::RecordBatchReader::schema(&reader);
     let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    Ok(arrow_select::concat::concat_batches(&schema(), &batches)?)
+    let batch = arrow_select::concat::concat_batches(&file_schema, &batches)?;
+    let union = union_schema([batch.schema_ref()])?;
+    conform(&batch, &union)
+}
+
+/// [`decode`], for a raw file of Kafka partition `partition`: every row must be of it.
+pub fn decode_raw(bytes: bytes::Bytes, partition: i32) -> Result<RecordBatch, DecodeError> {
+    use arrow_array::cast::AsArray;
+    let batch = decode(bytes)?;
+    let parts = batch.column(COL_KAFKA_PARTITION).as_primitive::<arrow_array::types::Int32Type>();
+    if let Some(other) = parts.iter().flatten().find(|&q| q != partition) {
+        return Err(DecodeError::Schema(format!(
+            "holds rows of Kafka partition {other}, not only of partition {partition} its name says"
+        )));
+    }
+    Ok(batch)
+}
+
+/// Index of `kafka_partition` in [`schema`] (and in every decoded batch).
+const COL_KAFKA_PARTITION: usize = 13;
+
+/// The schema that holds every one of `schemas`: [`schema`]'s columns, then the others in the
+/// order first seen, nullable (schema drift: a column a newer version added, read by this one).
+pub fn union_schema<'a>(schemas: impl IntoIterator<Item = &'a SchemaRef>) -> Result<SchemaRef, DecodeError> {
+    let base = schema();
+    let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut extra = false;
+    for s in schemas {
+        for f in s.fields() {
+            match fields.iter().find(|known| known.name() == f.name()) {
+                Some(known) if known.data_type() != f.data_type() => {
+                    return Err(DecodeError::Schema(format!(
+                        "column {} is {}, expected {}",
+                        f.name(),
+                        f.data_type(),
+                        known.data_type()
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    fields.push(f.as_ref().clone().with_nullable(true));
+                    extra = true;
+                }
+            }
+        }
+    }
+    Ok(if extra { Arc::new(Schema::new(fields)) } else { base })
+}
+
+/// `batch` with the columns of `union` (from [`union_schema`]), in its order: a column `batch`
+/// lacks is all nulls, which only a nullable column may be.
+pub fn conform(batch: &RecordBatch, union: &SchemaRef) -> Result<RecordBatch, DecodeError> {
+    if batch.schema_ref() == union {
+        return Ok(batch.clone());
+    }
+    let columns = union
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) => Ok(c.clone()),
+            None if f.is_nullable() => Ok(arrow_array::new_null_array(f.data_type(), batch.num_rows())),
+            None => Err(DecodeError::Schema(format!("lacks the required column {}", f.name()))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(union.clone(), columns)?)
+}
+
+/// Concatenates lake batches that may differ in schema (files of several versions) under their
+/// union ([`union_schema`]).
+pub fn concat_union(batches: &[RecordBatch]) -> Result<RecordBatch, DecodeError> {
+    let union = union_schema(batches.iter().map(RecordBatch::schema_ref))?;
+    let conformed = batches.iter().map(|b| conform(b, &union)).collect::<Result<Vec<_>, _>>()?;
+    Ok(arrow_select::concat::concat_batches(&union, &conformed)?)
 }
 
 #[cfg(test)]
@@ -274,6 +439,82 @@ mod tests {
             status: "DECLINED",
             event_time_us: 1_700_000_000_000_000 + i,
         }
+    }
+
+    /// A batch of `n` rows from `offset` on, with the extra column `extra` when given (a newer
+    /// version's file) or without `city` (an older one's) when `older`.
+    fn version_batch(offset: i64, n: i64, extra: Option<&str>, older: bool) -> RecordBatch {
+        let mut buf = RowBuffer::new();
+        for i in offset..offset + n {
+            buf.push(&tx(i), 7, i, 42);
+        }
+        let batch = buf.finish();
+        let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut columns = batch.columns().to_vec();
+        if older {
+            let i = fields.iter().position(|f| f.name() == "city").unwrap();
+            fields.remove(i);
+            columns.remove(i);
+        }
+        if let Some(name) = extra {
+            fields.push(Field::new(name, DataType::Int64, true));
+            columns.push(Arc::new(arrow_array::Int64Array::from_iter_values(offset..offset + n)));
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    }
+
+    fn file_of(batch: &RecordBatch) -> bytes::Bytes {
+        let name = RawFileName { topic: "t".into(), partition: 7, first_offset: 0, last_offset: 0 };
+        encode_with(batch, source_metadata(&name, batch.num_rows()), 1, 1000).unwrap().into()
+    }
+
+    #[test]
+    fn files_of_older_and_newer_versions_decode_and_merge_under_the_union_schema() {
+        let older = decode(file_of(&version_batch(0, 10, None, true))).unwrap();
+        assert_eq!(older.schema(), schema(), "a missing nullable column comes back as nulls");
+        assert_eq!(older.column_by_name("city").unwrap().null_count(), 10);
+        let newer = decode(file_of(&version_batch(10, 5, Some("tier"), false))).unwrap();
+        assert_eq!(newer.schema().fields().len(), schema().fields().len() + 1);
+        let merged = concat_union(&[older, newer]).unwrap();
+        assert_eq!(merged.num_rows(), 15);
+        let tier = merged.column_by_name("tier").unwrap();
+        assert_eq!(tier.null_count(), 10, "the older rows have no tier; the newer keep theirs");
+        assert_eq!(crate::lake::table::offsets(&merged), (0..15).collect::<Vec<_>>().as_slice());
+
+        // A required column missing, or a known column of another type: not a lake file.
+        let b = version_batch(0, 3, None, false);
+        let no_amount = b.project(&(0..b.num_columns()).filter(|&i| i != 4).collect::<Vec<_>>()).unwrap();
+        let e = decode(file_of(&no_amount)).unwrap_err().to_string();
+        assert!(e.contains("lacks the required column amount"), "{e}");
+        let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields[14] = Field::new("kafka_offset", DataType::Utf8, false);
+        let mut columns = b.columns().to_vec();
+        columns[14] = Arc::new(arrow_array::StringArray::from(vec!["a", "b", "c"]));
+        let wrong = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let e = decode(file_of(&wrong)).unwrap_err().to_string();
+        assert!(e.contains("column kafka_offset is Utf8, expected Int64"), "{e}");
+        assert!(decode(bytes::Bytes::from_static(b"PAR1 but not really PAR1")).is_err());
+    }
+
+    #[test]
+    fn a_streamed_file_holds_every_input_row_under_the_union_schema() {
+        let older = file_of(&version_batch(0, 2500, None, true));
+        let newer = file_of(&version_batch(2500, 1500, Some("tier"), false));
+        let schemas = [schema_from_tail(&older).unwrap(), schema_from_tail(&newer).unwrap()];
+        let union = union_schema(&schemas).unwrap();
+        let mut w = StreamWriter::new(union.clone(), 1, 1000).unwrap();
+        let mut out = Vec::new();
+        w.append_file(older).unwrap();
+        out.extend(w.take_bytes());
+        w.append_file(newer).unwrap();
+        out.extend(w.take_bytes());
+        assert_eq!(w.rows(), 4000);
+        let name = RawFileName { topic: "t".into(), partition: 7, first_offset: 0, last_offset: 3999 };
+        out.extend(w.finish(source_metadata(&name, 4000)).unwrap());
+        let read = decode(out.into()).unwrap();
+        assert_eq!(read.schema(), union);
+        assert_eq!(crate::lake::table::offsets(&read), (0..4000).collect::<Vec<_>>().as_slice());
+        assert_eq!(read.column_by_name("tier").unwrap().null_count(), 2500);
     }
 
     #[test]

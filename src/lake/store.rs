@@ -350,12 +350,74 @@ impl LakeStore {
         }
     }
 
+    /// The Arrow schema of the Parquet file at `key` (of `size` bytes, as listed), from its footer
+    /// alone. `None`: there is no such object; `Some(Err)`: it is not a readable Parquet file.
+    pub async fn parquet_schema(
+        &self,
+        key: &str,
+        size: u64,
+    ) -> Result<Option<Result<arrow_schema::SchemaRef, String>>, StoreError> {
+        let mut want: u64 = 64 * 1024;
+        loop {
+            let start = size.saturating_sub(want);
+            let range = format!("bytes={start}-");
+            let tail = match self.client.get_object().bucket(&self.bucket).key(key).range(range).send().await {
+                Ok(out) => out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| StoreError::Retryable { op: "GetObject", target: key.into(), detail: e.to_string() })?
+                    .into_bytes(),
+                Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                    Some(404) => return Ok(None),
+                    // Shorter than listed (replaced since): read it whole.
+                    Some(416) => match self.get_opt(key).await? {
+                        Some(b) => b,
+                        None => return Ok(None),
+                    },
+                    status => return Err(classify("GetObject", key, &e, status)),
+                },
+            };
+            match crate::lake::parquet::schema_from_tail(&tail) {
+                Ok(schema) => return Ok(Some(Ok(schema))),
+                Err(Ok(needed)) if start > 0 && needed as u64 > want => want = needed as u64,
+                Err(Ok(needed)) => {
+                    return Ok(Some(Err(format!(
+                        "the Parquet footer needs {needed} bytes, the object has {}",
+                        tail.len()
+                    ))));
+                }
+                Err(Err(detail)) => return Ok(Some(Err(detail))),
+            }
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {
         self.get_opt(key).await?.ok_or_else(|| StoreError::Fatal {
             op: "GetObject",
             target: key.to_string(),
             detail: "no such key".into(),
         })
+    }
+
+    /// Starts a multipart upload of `key`: an object written in parts, each its own request (so
+    /// one `s3.request_timeout` bounds a part, not the whole object), that appears whole at
+    /// [`Multipart::complete`] or not at all.
+    pub async fn start_multipart(&self, key: &str, content_type: &str) -> Result<Multipart, StoreError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .send()
+            .await
+            .map_err(|e| {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                classify("CreateMultipartUpload", key, &e, status)
+            })?;
+        let upload_id = out.upload_id().unwrap_or_default().to_string();
+        Ok(Multipart { store: self.clone(), key: key.to_string(), upload_id, parts: Vec::new(), bytes: 0 })
     }
 
     /// Readiness probe: the bucket answers.
@@ -383,6 +445,104 @@ impl LakeStore {
                     Err(classify("CreateBucket", &self.bucket, &e, status))
                 }
             }
+        }
+    }
+}
+
+/// A multipart upload in progress ([`LakeStore::start_multipart`]). Every part but the last must
+/// be at least 5 MiB (S3's rule).
+pub struct Multipart {
+    store: LakeStore,
+    key: String,
+    upload_id: String,
+    parts: Vec<aws_sdk_s3::types::CompletedPart>,
+    bytes: u64,
+}
+
+impl Multipart {
+    /// The smallest part S3 accepts, but for the last.
+    pub const MIN_PART_BYTES: usize = 5 << 20;
+
+    /// Uploads the next part, retrying a failed request a few times (with `backoff`, doubling)
+    /// before giving up: a blip must not cost the whole object.
+    pub async fn part(&mut self, body: bytes::Bytes, backoff: Duration) -> Result<(), StoreError> {
+        let number = self.parts.len() as i32 + 1;
+        let (mut wait, mut left) = (backoff, 4);
+        loop {
+            let sent = self
+                .store
+                .client
+                .upload_part()
+                .bucket(&self.store.bucket)
+                .key(&self.key)
+                .upload_id(&self.upload_id)
+                .part_number(number)
+                .body(ByteStream::from(body.clone()))
+                .send()
+                .await;
+            match sent {
+                Ok(out) => {
+                    self.bytes += body.len() as u64;
+                    self.parts.push(
+                        aws_sdk_s3::types::CompletedPart::builder()
+                            .set_e_tag(out.e_tag)
+                            .part_number(number)
+                            .build(),
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    let status = e.raw_response().map(|r| r.status().as_u16());
+                    let err = classify("UploadPart", &self.key, &e, status);
+                    if !err.is_retryable() || left == 0 {
+                        return Err(err);
+                    }
+                    left -= 1;
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    }
+
+    /// Bytes uploaded so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Makes the object appear, whole.
+    pub async fn complete(self) -> Result<(), StoreError> {
+        let upload = aws_sdk_s3::types::CompletedMultipartUpload::builder().set_parts(Some(self.parts)).build();
+        self.store
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(upload)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                classify("CompleteMultipartUpload", &self.key, &e, status)
+            })
+    }
+
+    /// Gives the upload up; its parts are dropped by the store (best effort: a store keeps an
+    /// upload nobody aborted until its lifecycle rule, if any, expires it).
+    pub async fn abort(self) {
+        let res = self
+            .store
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(key = %self.key, error = %aws_smithy_types::error::display::DisplayErrorContext(&e), "aborting a multipart upload failed");
         }
     }
 }

@@ -29,12 +29,18 @@ use crate::context::PipelineCtx;
 use crate::faults::{FaultPoint, Write, WriteKind};
 use crate::lake::parquet;
 use crate::lake::table::{self, CompactionIntent, MergePlan, TableFile, TablePlan};
-use crate::lake::{CondPut, HivePartition, Precondition, WorkError};
+use crate::lake::{CondPut, HivePartition, Precondition, WorkError, quarantine};
 use crate::metrics as m;
-use crate::table::partitioner::read_watermark;
+use crate::table::partitioner::{read_watermark, rebuild_table_file};
 
 /// The `table` label of the lake gauges.
 const TABLE: &str = "tb-transactions";
+
+const PARQUET: &str = "application/vnd.apache.parquet";
+
+/// A streamed merge uploads its output in parts of at least this many bytes (S3 takes parts of
+/// 5 MiB and more, but for the last).
+const PART_BYTES: usize = 8 << 20;
 
 /// Past this many Hive partitions to look at, one listing of the whole table is cheaper.
 const FULL_LISTING_ABOVE: usize = 64;
@@ -346,62 +352,18 @@ impl CompactorState {
         }
         self.ctx.faults.check(FaultPoint::CompactorAfterIntent)?;
 
-        let mut bodies = Vec::with_capacity(plan.inputs.len());
-        for (_, key, _) in &plan.inputs {
-            match self.ctx.table.get_opt(key).await? {
-                Some(b) => bodies.push(b),
-                None => {
-                    // The listing is stale (an earlier merge's recovery took it): drop the plan.
-                    tracing::warn!(key = %key, "compaction input is gone; abandoning this merge");
-                    self.ctx.table.delete(&intent_key).await?;
-                    return Ok(());
-                }
-            }
-        }
-        let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
-        let (name, inputs, repair) = (plan.output_name(), plan.inputs.len(), plan.repair);
-        let merged = tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), String> {
-            let batches = bodies
-                .into_iter()
-                .map(parquet::decode)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("decoding a compaction input of {name}: {e}"))?;
-            let mut batch = arrow_select::concat::concat_batches(&parquet::schema(), &batches)
-                .map_err(|e| format!("concatenating the inputs of {name}: {e}"))?;
-            if repair {
-                // Overlapping inputs (I9): each offset once, in offset order.
-                batch = table::keep_each_offset_once(&batch).map_err(|e| format!("deduplicating {name}: {e}"))?;
-            }
-            let mut meta = parquet::source_metadata(&name, batch.num_rows());
-            meta.push(::parquet::file::metadata::KeyValue::new("trstream.compacted_from".into(), inputs.to_string()));
-            let bytes = parquet::encode_with(&batch, meta, level, rg).map_err(|e| format!("encoding {name}: {e}"))?;
-            Ok((batch.num_rows(), bytes))
-        })
-        .await
-        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
-        .map_err(WorkError::Other)?;
-        let (rows, bytes) = merged;
-        let after = bytes.len() as u64;
-        // I9: checked again after the reads and the merge, which a stall may have held up past
-        // the lease, and again before the deletes.
-        self.ctx.check_fence(p).await?;
-        let bytes = bytes::Bytes::from(bytes);
-        const PARQUET: &str = "application/vnd.apache.parquet";
-        let put = match self.ctx.faults.late_write(
-            WriteKind::Merged,
-            &self.ctx.table,
-            &output_key,
-            &bytes,
-            Write::Plain(PARQUET),
-        ) {
-            Ok(()) => self.ctx.table.put(&output_key, bytes, PARQUET).await,
-            Err(e) => Err(e),
+        let written = if plan.repair {
+            self.merge_in_memory(plan, &output_key).await?
+        } else {
+            self.merge_streaming(plan, &output_key).await?
         };
-        if let Err(e) = put {
-            // It may land later, beside its inputs: the Hive partition is watched for that.
-            self.ctx.table_write_failed(p, plan.hive.clone(), &plan.output_name());
-            return Err(e.into());
-        }
+        let Some((rows, after)) = written else {
+            // An input was gone (a stale listing) or poisoned (quarantined and rebuilt): plan again.
+            self.ctx.table.delete(&intent_key).await?;
+            self.ctx.touch(p, [plan.hive.clone()]);
+            return Ok(());
+        };
+        let inputs = plan.inputs.len();
         self.ctx.faults.check(FaultPoint::CompactorAfterOutput)?;
         self.ctx.check_fence(p).await?;
 
@@ -468,10 +430,23 @@ impl CompactorState {
                 bodies.push((r.1.clone(), b));
             }
         }
+        let decoded = tokio::task::spawn_blocking({
+            let kept = kept.clone();
+            move || parquet::decode(kept)
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?;
+        let kept = match decoded {
+            Ok(k) => k,
+            Err(e) => {
+                self.poisoned_table_file(hive, &keep.0, &keep.1, kept, e.to_string()).await?;
+                self.ctx.touch(p, [hive.clone()]);
+                return Ok(());
+            }
+        };
         // Per file: its rows, all in `keep`; or why not.
         type Verdicts = Vec<(String, Result<usize, String>)>;
         let checked = tokio::task::spawn_blocking(move || -> Result<Verdicts, String> {
-            let kept = parquet::decode(kept).map_err(|e| format!("decoding a table file: {e}"))?;
             let ids = |b: &arrow_array::RecordBatch| -> std::collections::HashMap<i64, String> {
                 use arrow_array::cast::AsArray;
                 let col = b.column(0).as_string::<i32>();
@@ -516,6 +491,231 @@ impl CompactorState {
         Ok(())
     }
 
+    /// The repair of overlapping inputs (I9): all of them read, each offset kept once, written
+    /// in one PUT. Overlap clusters are a few files (a late write, a zombie's), so holding them
+    /// is bounded in practice; plain merges stream ([`CompactorState::merge_streaming`]).
+    /// `None`: an input was gone or poisoned.
+    async fn merge_in_memory(&self, plan: &MergePlan, output_key: &str) -> Result<Option<(usize, u64)>, WorkError> {
+        let p = plan.partition();
+        let mut bodies = Vec::with_capacity(plan.inputs.len());
+        for (_, key, _) in &plan.inputs {
+            match self.ctx.table.get_opt(key).await? {
+                Some(b) => bodies.push(b),
+                None => {
+                    // The listing is stale (an earlier merge's recovery took it): drop the plan.
+                    tracing::warn!(key = %key, "compaction input is gone; abandoning this merge");
+                    return Ok(None);
+                }
+            }
+        }
+        // Decoded one by one: an input that cannot be read is quarantined and rebuilt (I10).
+        let decoded = tokio::task::spawn_blocking(move || {
+            bodies.into_iter().map(|b| (b.clone(), parquet::decode(b))).collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?;
+        let mut batches = Vec::with_capacity(decoded.len());
+        let mut poisoned = false;
+        for ((body, res), (name, key, _)) in decoded.into_iter().zip(&plan.inputs) {
+            match res {
+                Ok(b) => batches.push(b),
+                Err(e) => {
+                    self.poisoned_table_file(&plan.hive, name, key, body, e.to_string()).await?;
+                    poisoned = true;
+                }
+            }
+        }
+        if poisoned {
+            return Ok(None);
+        }
+        let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
+        let (name, inputs) = (plan.output_name(), plan.inputs.len());
+        let merged = tokio::task::spawn_blocking(move || -> Result<(usize, Vec<u8>), String> {
+            // Under the union of the inputs' schemas: files of older and newer versions merge.
+            let batch =
+                parquet::concat_union(&batches).map_err(|e| format!("concatenating the inputs of {name}: {e}"))?;
+            // Overlapping inputs (I9): each offset once, in offset order.
+            let batch = table::keep_each_offset_once(&batch).map_err(|e| format!("deduplicating {name}: {e}"))?;
+            let mut meta = parquet::source_metadata(&name, batch.num_rows());
+            meta.push(::parquet::file::metadata::KeyValue::new("trstream.compacted_from".into(), inputs.to_string()));
+            let bytes = parquet::encode_with(&batch, meta, level, rg).map_err(|e| format!("encoding {name}: {e}"))?;
+            Ok((batch.num_rows(), bytes))
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
+        .map_err(WorkError::Other)?;
+        let (rows, bytes) = merged;
+        let after = bytes.len() as u64;
+        // I9: checked again after the reads and the merge, which a stall may have held up past
+        // the lease, and again before the deletes.
+        self.ctx.check_fence(p).await?;
+        let bytes = bytes::Bytes::from(bytes);
+        let put = match self.ctx.faults.late_write(
+            WriteKind::Merged,
+            &self.ctx.table,
+            output_key,
+            &bytes,
+            Write::Plain(PARQUET),
+        ) {
+            Ok(()) => self.ctx.table.put(output_key, bytes, PARQUET).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = put {
+            // It may land later, beside its inputs: the Hive partition is watched for that.
+            self.ctx.table_write_failed(p, plan.hive.clone(), &plan.output_name());
+            return Err(e.into());
+        }
+        Ok(Some((rows, after)))
+    }
+
+    /// A plain merge (I4), streamed: the inputs' footers give the union of their schemas, then
+    /// each input is read whole (one at a time: they are small files), decoded a batch at a
+    /// time and written into the output, whose bytes go to the store as parts of a multipart
+    /// upload as they are encoded. The peak is one input, one row group being encoded and one
+    /// part, whatever `compactor.target_file_bytes`; one `s3.request_timeout` bounds a part, not
+    /// the whole output. The object appears whole at the end, or not at all. `None`: an input was
+    /// gone or poisoned.
+    async fn merge_streaming(&self, plan: &MergePlan, output_key: &str) -> Result<Option<(usize, u64)>, WorkError> {
+        let p = plan.partition();
+        let mut schemas = Vec::with_capacity(plan.inputs.len());
+        for (name, key, size) in &plan.inputs {
+            match self.ctx.table.parquet_schema(key, *size).await? {
+                Some(Ok(schema)) => schemas.push(schema),
+                Some(Err(why)) => {
+                    if let Some(body) = self.ctx.table.get_opt(key).await? {
+                        self.poisoned_table_file(&plan.hive, name, key, body, why).await?;
+                    }
+                    return Ok(None);
+                }
+                None => {
+                    tracing::warn!(key = %key, "compaction input is gone; abandoning this merge");
+                    return Ok(None);
+                }
+            }
+        }
+        let union = match parquet::union_schema(&schemas) {
+            Ok(u) => u,
+            Err(e) => {
+                // Two inputs disagree on a column's type: neither is poison on its own; merge
+                // nothing of this group until an operator looks (the audit still reads both).
+                tracing::error!(partition = p, hive = %plan.hive.dir(), error = %e, "compaction inputs of incompatible schemas; not merged");
+                return Ok(None);
+            }
+        };
+        let (level, rg) = (self.ctx.config.parquet.zstd_level, self.ctx.config.parquet.row_group_rows);
+        let backoff = self.ctx.config.upload.retry_initial_backoff;
+        let mut writer = parquet::StreamWriter::new(union, level, rg)
+            .map_err(|e| WorkError::Other(format!("starting the output of {output_key}: {e}")))?;
+        let mut upload = self.ctx.table.start_multipart(output_key, PARQUET).await?;
+        let mut pending: Vec<u8> = Vec::new();
+        for (name, key, _) in &plan.inputs {
+            let body = match self.ctx.table.get_opt(key).await {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    tracing::warn!(key = %key, "compaction input is gone; abandoning this merge");
+                    upload.abort().await;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    upload.abort().await;
+                    return Err(e.into());
+                }
+            };
+            let (w, res) = tokio::task::spawn_blocking({
+                let body = body.clone();
+                move || {
+                    let res = writer.append_file(body);
+                    (writer, res)
+                }
+            })
+            .await
+            .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?;
+            writer = w;
+            if let Err(e) = res {
+                upload.abort().await;
+                self.poisoned_table_file(&plan.hive, name, key, body, e.to_string()).await?;
+                return Ok(None);
+            }
+            pending.extend(writer.take_bytes());
+            if pending.len() >= PART_BYTES
+                && let Err(e) = upload.part(std::mem::take(&mut pending).into(), backoff).await
+            {
+                upload.abort().await;
+                return Err(e.into());
+            }
+        }
+        let mut meta = parquet::source_metadata(&plan.output_name(), writer.rows());
+        meta.push(::parquet::file::metadata::KeyValue::new(
+            "trstream.compacted_from".into(),
+            plan.inputs.len().to_string(),
+        ));
+        let rows = writer.rows();
+        let tail = tokio::task::spawn_blocking(move || writer.finish(meta))
+            .await
+            .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
+            .map_err(|e| WorkError::Other(format!("finishing {output_key}: {e}")))?;
+        pending.extend(tail);
+        // I9: checked again after the reads and the merge, which a stall may have held up past
+        // the lease, and again before the deletes.
+        let last = async {
+            upload.part(std::mem::take(&mut pending).into(), backoff).await?;
+            self.ctx.check_fence(p).await.map_err(WorkError::from)?;
+            Ok::<_, WorkError>(())
+        }
+        .await;
+        if let Err(e) = last {
+            upload.abort().await;
+            return Err(e);
+        }
+        let after = upload.bytes();
+        if let Err(e) = upload.complete().await {
+            // It may land later (the store may complete it after the client gave up): watched.
+            self.ctx.table_write_failed(p, plan.hive.clone(), &plan.output_name());
+            return Err(e.into());
+        }
+        if self.ctx.faults.late_writes_possible(WriteKind::Merged) {
+            // The test hook of late writes needs the bytes: taken back and landed later.
+            let bytes = self.ctx.table.get(output_key).await?;
+            if let Err(e) =
+                self.ctx.faults.late_write(WriteKind::Merged, &self.ctx.table, output_key, &bytes, Write::Plain(PARQUET))
+            {
+                self.ctx.table.delete(output_key).await?;
+                self.ctx.table_write_failed(p, plan.hive.clone(), &plan.output_name());
+                return Err(e.into());
+            }
+        }
+        Ok(Some((rows, after)))
+    }
+
+    /// A table file that did not decode: read once more (a transfer gone wrong reads right the
+    /// second time), then quarantined and rebuilt from raw-data (I10).
+    async fn poisoned_table_file(
+        &self,
+        hive: &HivePartition,
+        name: &crate::lake::RawFileName,
+        key: &str,
+        body: bytes::Bytes,
+        why: String,
+    ) -> Result<(), WorkError> {
+        let p = name.partition;
+        tracing::warn!(partition = p, key, error = %why, "a table file does not decode; reading it again");
+        let Some(again) = self.ctx.table.get_opt(key).await? else { return Ok(()) };
+        let ok = tokio::task::spawn_blocking({
+            let again = again.clone();
+            move || parquet::decode(again).is_ok()
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?;
+        if ok {
+            return Ok(());
+        }
+        self.ctx.check_fence(p).await?;
+        let body = if again.is_empty() { body } else { again };
+        quarantine::quarantine(&self.ctx, &self.ctx.table, key, body, quarantine::Kind::Table, &why).await?;
+        rebuild_table_file(&self.ctx, hive, name).await?;
+        Ok(())
+    }
+
     /// Completes or rolls back every intent of partition `p` (I6).
     async fn recover(&mut self, p: i32) -> Result<(), WorkError> {
         if !self.ctx.owns(p) {
@@ -528,9 +728,14 @@ impl CompactorState {
             let intent: CompactionIntent = match serde_json::from_slice(&body) {
                 Ok(i) => i,
                 Err(e) => {
-                    return Err(WorkError::Other(format!(
-                        "compaction intent {key} is not readable ({e}); fix or delete it so compaction of partition {p} can go on"
-                    )));
+                    // Dropped aside (I10): if its merged file was written, it overlaps its inputs,
+                    // which the repair of overlapping files resolves (I9); if not, nothing was
+                    // deleted.
+                    self.ctx.check_fence(p).await?;
+                    let why = format!("not a compaction intent: {e}");
+                    quarantine::quarantine(&self.ctx, &self.ctx.table, &key, body, quarantine::Kind::Intent, &why)
+                        .await?;
+                    continue;
                 }
             };
             let outcome = if intent.inputs.contains(&intent.output) {

@@ -29,7 +29,7 @@ use crate::faults::{FaultPoint, Write, WriteKind};
 use crate::lake::keys::{self, RawFileName};
 use crate::lake::parquet;
 use crate::lake::table::{self, RawSlice, Watermark};
-use crate::lake::{CondPut, Precondition, StoreError, WorkError};
+use crate::lake::{CondPut, Precondition, WorkError, quarantine};
 use crate::metrics as m;
 
 pub struct Partitioner;
@@ -464,11 +464,11 @@ async fn partition_file(
         tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
         return Ok(None);
     };
+    let Some(mut batch) = decode_raw(ctx, p, &raw_key, body).await? else { return Ok(None) };
     let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
     let (src, out, from) = (name.clone(), slice.output_name(), slice.from);
     type Output = (table::HivePartition, String, usize, Vec<u8>);
     let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Output>, String> {
-        let mut batch = parquet::decode(body).map_err(|e| format!("decoding {src}: {e}"))?;
         if from > src.first_offset {
             // A straddling file: only its rows above the watermark are still to go.
             let keep = arrow_array::BooleanArray::from_iter(table::offsets(&batch).iter().map(|&o| Some(o >= from)));
@@ -556,6 +556,101 @@ async fn partition_file(
     Ok(Some(new_etag))
 }
 
+/// Decodes a raw file for the table. One that cannot be read as a raw file of partition `p` is
+/// read once more (a transfer that went wrong reads right the second time), then quarantined
+/// (I10): `Ok(None)`, and the partition is listed again without it. Its rows do not reach the
+/// table; its records are still in Kafka while retention keeps them (supervision.md, "Poison
+/// objects").
+pub(crate) async fn decode_raw(
+    ctx: &PipelineCtx,
+    p: i32,
+    key: &str,
+    body: bytes::Bytes,
+) -> Result<Option<arrow_array::RecordBatch>, WorkError> {
+    let decode = |body: bytes::Bytes| async move {
+        tokio::task::spawn_blocking(move || parquet::decode_raw(body, p))
+            .await
+            .map_err(|e| WorkError::Other(format!("decoder task failed: {e}")))
+    };
+    let first = match decode(body).await? {
+        Ok(batch) => return Ok(Some(batch)),
+        Err(e) => e,
+    };
+    tracing::warn!(partition = p, key, error = %first, "a raw file does not decode; reading it again");
+    let Some(again) = ctx.store.get_opt(key).await? else { return Ok(None) };
+    let why = match decode(again.clone()).await? {
+        Ok(batch) => return Ok(Some(batch)),
+        Err(e) => e,
+    };
+    ctx.check_fence(p).await?;
+    quarantine::quarantine(ctx, &ctx.store, key, again, quarantine::Kind::Raw, &why.to_string()).await?;
+    Ok(None)
+}
+
+/// Writes table file `name` of `hive` again from raw-data (I10): the rows of its Kafka
+/// partition's raw files with offsets in its range whose Hive partition is `hive`, each offset
+/// once, in offset order: what the file held, as long as raw-data still holds it. Used after the
+/// file was quarantined (unreadable). Returns the rows written.
+pub(crate) async fn rebuild_table_file(
+    ctx: &Arc<PipelineCtx>,
+    hive: &table::HivePartition,
+    name: &RawFileName,
+) -> Result<usize, WorkError> {
+    let p = name.partition;
+    let raw_prefix = &ctx.config.s3.raw_prefix;
+    let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), None).await?;
+    let sources: Vec<RawFileName> = listed
+        .iter()
+        .filter_map(|k| RawFileName::parse(k))
+        .filter(|f| f.topic == name.topic && f.partition == p)
+        .filter(|f| f.first_offset <= name.last_offset && name.first_offset <= f.last_offset)
+        .collect();
+    let mut batches = Vec::new();
+    for f in &sources {
+        let key = f.key(raw_prefix);
+        let Some(body) = ctx.store.get_opt(&key).await? else { continue };
+        if let Some(batch) = decode_raw(ctx, p, &key, body).await? {
+            batches.push(batch);
+        }
+    }
+    let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
+    let (want, out) = (hive.clone(), name.clone());
+    let rebuilt = tokio::task::spawn_blocking(move || -> Result<Option<(usize, Vec<u8>)>, String> {
+        if batches.is_empty() {
+            return Ok(None);
+        }
+        let all = parquet::concat_union(&batches).map_err(|e| e.to_string())?;
+        let keep = arrow_array::BooleanArray::from_iter(
+            table::offsets(&all).iter().map(|&o| Some((out.first_offset..=out.last_offset).contains(&o))),
+        );
+        let all = arrow_select::filter::filter_record_batch(&all, &keep).map_err(|e| e.to_string())?;
+        let Some((_, part)) = table::split(&all).map_err(|e| e.to_string())?.into_iter().find(|(h, _)| *h == want)
+        else {
+            return Ok(None);
+        };
+        let part = table::keep_each_offset_once(&part).map_err(|e| e.to_string())?;
+        let mut meta = parquet::source_metadata(&out, part.num_rows());
+        meta.push(::parquet::file::metadata::KeyValue::new("trstream.rebuilt_from_raw".into(), "true".to_string()));
+        let bytes = parquet::encode_with(&part, meta, level, rg).map_err(|e| e.to_string())?;
+        Ok(Some((part.num_rows(), bytes)))
+    })
+    .await
+    .map_err(|e| WorkError::Other(format!("rebuild task failed: {e}")))?
+    .map_err(|e| WorkError::Other(format!("rebuilding {}: {e}", hive.file_key(name))))?;
+    let key = hive.file_key(name);
+    let Some((rows, bytes)) = rebuilt else {
+        tracing::error!(partition = p, key, sources = sources.len(),
+            "a quarantined table file cannot be rebuilt: raw-data no longer holds its rows (retention?); trstream audit reports them missing");
+        return Ok(0);
+    };
+    ctx.check_fence(p).await?;
+    ctx.table.put(&key, bytes.into(), "application/vnd.apache.parquet").await?;
+    ctx.stats.table_files_rebuilt.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::TABLE_FILES_REBUILT).increment(1);
+    tracing::warn!(partition = p, key, rows, sources = sources.len(), "rebuilt a quarantined table file from raw-data");
+    Ok(rows)
+}
+
 /// One table file of a slice. A failed PUT may still land later: the compactor is told to
 /// leave its Hive partition alone for a while.
 async fn put_output(
@@ -578,26 +673,33 @@ async fn put_output(
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
-pub async fn read_watermark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+pub async fn read_watermark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<i64>, WorkError> {
     Ok(read_watermark_mark(ctx, topic, partition).await?.0.map(|m| m.last))
 }
 
-/// The watermark of `partition` with its listing floor, and the object's ETag.
+/// The watermark of `partition` with its listing floor, and the object's ETag. One that is not a
+/// watermark of this partition is quarantined (I10) and taken as absent: the partition is then
+/// partitioned again from its first raw file, under the same names, and what the compactor had
+/// merged meanwhile overlaps the new slices until its repair (I9). Slow, never wrong.
 async fn read_watermark_mark(
     ctx: &PipelineCtx,
     topic: &str,
     partition: i32,
-) -> Result<(Option<Mark>, Option<String>), StoreError> {
+) -> Result<(Option<Mark>, Option<String>), WorkError> {
     let key = table::watermark_key(topic, partition);
-    match ctx.table.get_with_etag(&key).await? {
-        None => Ok((None, None)),
-        Some((body, etag)) => match serde_json::from_slice::<Watermark>(&body) {
-            Ok(w) => Ok((Some(Mark::from(&w)), etag)),
-            Err(e) => Err(StoreError::Fatal {
-                op: "read watermark",
-                target: key,
-                detail: format!("not a trstream watermark: {e}; fix or delete it"),
-            }),
-        },
-    }
+    let Some((body, etag)) = ctx.table.get_with_etag(&key).await? else { return Ok((None, None)) };
+    let why = match serde_json::from_slice::<Watermark>(&body) {
+        Ok(w) if w.partition == partition && w.topic == topic && w.last_offset >= 0 => {
+            return Ok((Some(Mark::from(&w)), etag));
+        }
+        Ok(w) => format!(
+            "a watermark of {}/{} at offset {} found where {topic}/{partition}'s belongs",
+            w.topic, w.partition, w.last_offset
+        ),
+        Err(e) => format!("not a trstream watermark: {e}"),
+    };
+    ctx.check_fence(partition).await?;
+    quarantine::quarantine(ctx, &ctx.table, &key, body, quarantine::Kind::Watermark, &why).await?;
+    tracing::warn!(partition, "the partition is partitioned again from its first raw file; overlaps with merged files are repaired by the compactor");
+    Ok((None, None))
 }

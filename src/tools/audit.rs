@@ -47,7 +47,7 @@ use crate::ingest::dlq::{
     HEADER_SOURCE_INCARNATION, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
 use crate::lake::keys::{self, RawFileName};
-use crate::lake::{LakeStore, StoreError};
+use crate::lake::{LakeStore, StoreError, quarantine};
 
 const VALID: u8 = 1;
 const INVALID: u8 = 1 << 1;
@@ -169,7 +169,23 @@ pub struct AuditReport {
     /// Rows of the table by UTC day (`YYYY-MM-DD`) and transaction type, as the rows' own
     /// event_time and transaction_type say.
     pub rows_by_day_and_type: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Objects the daemon moved aside because it could not read them (I10), in either bucket,
+    /// with their reasons. What they held shows in the counts (a raw file's rows missing from
+    /// the table, a table file's unless it was rebuilt).
+    pub quarantined: Vec<QuarantinedObject>,
+    /// Lake files of the topic that the audit itself cannot read: (key, why). Not clean.
+    pub unreadable: Vec<(String, String)>,
     pub clean: bool,
+}
+
+/// A quarantined object as the audit reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantinedObject {
+    pub bucket: String,
+    pub key: String,
+    pub kind: String,
+    pub reason: String,
+    pub quarantined_at: String,
 }
 
 impl AuditReport {
@@ -218,10 +234,25 @@ impl AuditReport {
             "\n{} table files, {} rows; {} rows altered (content differs from the source record), {} misplaced (outside the folder of their own day and type); DLQ: {} duplicated, {} for valid records\n",
             self.table_files, self.table_rows, t.altered, t.misplaced, t.dlq_duplicated, t.dlq_unexpected
         ));
+        if !self.quarantined.is_empty() {
+            out.push_str(&format!(
+                "{} objects quarantined by the daemon (moved to _trstream/quarantine/, unreadable):\n",
+                self.quarantined.len()
+            ));
+            for q in &self.quarantined {
+                out.push_str(&format!("  {} {}/{}: {} ({})\n", q.kind, q.bucket, q.key, q.reason, q.quarantined_at));
+            }
+        }
+        if !self.unreadable.is_empty() {
+            out.push_str(&format!("{} lake files the audit cannot read:\n", self.unreadable.len()));
+            for (key, why) in &self.unreadable {
+                out.push_str(&format!("  {key}: {why}\n"));
+            }
+        }
         out.push_str(if self.clean {
             "result: CLEAN: every valid transaction is in the table exactly once and every invalid one is in the DLQ\n"
         } else {
-            "result: MISMATCH: see missing, duplicated, unexpected, altered and misplaced above\n"
+            "result: MISMATCH: see missing, duplicated, unexpected, altered, misplaced and unreadable above\n"
         });
         out
     }
@@ -653,6 +684,7 @@ async fn read_files(
     keys: Vec<String>,
     table: bool,
     progress: bool,
+    unreadable: &mut Vec<(String, String)>,
     mut each: impl FnMut(&str, FileRows),
 ) -> Result<(), AuditError> {
     let total = keys.len();
@@ -668,13 +700,18 @@ async fn read_files(
                 let k = key.clone();
                 let rows = tokio::task::spawn_blocking(move || file_rows(&k, body, table))
                     .await
-                    .map_err(|e| AuditError::File { key: key.clone(), detail: e.to_string() })??;
+                    .map_err(|e| AuditError::File { key: key.clone(), detail: e.to_string() })?;
                 Ok::<_, AuditError>((key, rows))
             });
         }
         let Some(res) = set.join_next().await else { break };
         let (key, rows) = res.map_err(|e| AuditError::File { key: "?".into(), detail: e.to_string() })??;
-        each(&key, rows);
+        match rows {
+            Ok(rows) => each(&key, rows),
+            // Reported, and the audit goes on: one bad file must not hide the rest.
+            Err(AuditError::File { key, detail }) => unreadable.push((key, detail)),
+            Err(e) => return Err(e),
+        }
         done += 1;
         if progress && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
@@ -702,9 +739,9 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
             bounds.iter().map(|&(p, lo, hi)| (p, PartitionBook::new(lo, hi))).collect();
         read_topic(&c, &cfg.kafka.topic, &bounds, o.timeout, o.progress, |p, m| {
             let Some(book) = books.get_mut(&p) else { return };
-            let now_us =
-                m.timestamp().to_millis().map_or_else(|| chrono::Utc::now().timestamp_micros(), |ms| ms * 1000);
-            let valid = validator.validate(m.payload(), now_us).ok();
+            // The daemon's rule (I8): judged by the record's broker timestamp, never a clock.
+            let at = crate::record::broker_time_us(m.timestamp().to_millis());
+            let valid = validator.validate(m.payload(), at).ok();
             book.source(m.offset(), valid.as_ref().map(|t| &*t.transaction_id), m.payload());
         })?;
         // A consumer of its own: an end-of-partition event of the source topic still queued
@@ -745,7 +782,8 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
     let mut table_rows = 0u64;
     let mut by_day: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut unknown_partition = 0u64;
-    read_files(&table, keys, true, opts.progress, |_, file| {
+    let mut unreadable = Vec::new();
+    read_files(&table, keys, true, opts.progress, &mut unreadable, |_, file| {
         for ((day, t), n) in file.by_day_and_type {
             *by_day.entry(day).or_default().entry(t).or_default() += n;
         }
@@ -772,7 +810,7 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
                     .filter(|k| RawFileName::parse(k).is_some_and(|n| n.topic == lake_topic)),
             );
         }
-        read_files(&raw, keys, false, opts.progress, |_, file| {
+        read_files(&raw, keys, false, opts.progress, &mut unreadable, |_, file| {
             for row in &file.rows {
                 if let Some(b) = books.get_mut(&row.partition) {
                     b.found(row, RAW_SHIFT);
@@ -780,6 +818,20 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
             }
         })
         .await?;
+    }
+
+    let mut quarantined = Vec::new();
+    for bucket in [&config.s3.raw_bucket, &config.s3.table_bucket] {
+        let store = LakeStore::new(&config.s3, bucket);
+        for note in quarantine::notes(&store).await? {
+            quarantined.push(QuarantinedObject {
+                bucket: bucket.clone(),
+                key: note.key,
+                kind: note.kind,
+                reason: note.reason,
+                quarantined_at: note.quarantined_at,
+            });
+        }
     }
 
     let mut total = Counts::default();
@@ -800,7 +852,8 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
         && total.misplaced == 0
         && total.dlq_unexpected == 0
         && total.raw_missing.unwrap_or(0) == 0
-        && total.raw_duplicated.unwrap_or(0) == 0;
+        && total.raw_duplicated.unwrap_or(0) == 0
+        && unreadable.is_empty();
     Ok(AuditReport {
         topic,
         dlq_topic,
@@ -810,6 +863,8 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
         table_files,
         table_rows,
         rows_by_day_and_type: by_day,
+        quarantined,
+        unreadable,
         clean,
     })
 }

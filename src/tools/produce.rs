@@ -403,7 +403,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3000 {
             let r = g.next_at(now);
-            let got = v.validate(if r.payload.is_empty() { None } else { Some(&r.payload) }, now.timestamp_micros());
+            let got = v.validate(if r.payload.is_empty() { None } else { Some(&r.payload) }, Some(now.timestamp_micros()));
             match (&r.expect, got) {
                 (Expect::Valid(id), Ok(t)) => assert_eq!(&t.transaction_id, id),
                 (Expect::Invalid(reason), Err(rej)) => {
@@ -433,7 +433,7 @@ mod tests {
         let mut keys = std::collections::HashSet::new();
         for _ in 0..500 {
             let r = g.next_record();
-            let t = v.validate(Some(&r.payload), chrono::Utc::now().timestamp_micros()).unwrap();
+            let t = v.validate(Some(&r.payload), Some(chrono::Utc::now().timestamp_micros())).unwrap();
             assert_eq!(t.transaction_type, "REFUND");
             assert_eq!(t.currency, "JPY");
             assert_eq!(t.country, "JP");

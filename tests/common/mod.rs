@@ -22,6 +22,21 @@ pub const TOPIC: &str = "transactions";
 pub const DLQ: &str = "transactions.dlq";
 pub const GROUP: &str = "trstream-test";
 
+/// One DLQ record as a reader gets it.
+#[derive(Debug)]
+pub struct DlqMessage {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl DlqMessage {
+    /// A header's value ("" when absent).
+    pub fn header(&self, name: &str) -> String {
+        self.headers.get(name).cloned().unwrap_or_default()
+    }
+}
+
 pub struct Harness {
     pub kafka: EmbeddedKafka,
     pub s3: EmbeddedS3,
@@ -216,7 +231,11 @@ impl Harness {
     /// Every raw file on disk, parsed from its name.
     pub fn raw_files(&self) -> Vec<(RawFileName, PathBuf)> {
         let mut out = Vec::new();
+        let quarantine = self.dir.path().join("raw-data").join("_trstream");
         walk(&self.dir.path().join("raw-data"), &mut |p| {
+            if p.starts_with(&quarantine) {
+                return; // moved aside (I10), or the owner records
+            }
             if let Some(n) = p.file_name().and_then(|f| f.to_str()).and_then(RawFileName::parse) {
                 out.push((n, p.to_path_buf()));
             }
@@ -254,6 +273,21 @@ impl Harness {
 
     /// `(payload, reason, source_partition, source_offset)` of every DLQ record.
     pub fn dlq_records(&self) -> Vec<(Vec<u8>, String, i32, i64)> {
+        self.dlq_messages()
+            .into_iter()
+            .map(|m| {
+                assert!(!m.header("detail").is_empty(), "every DLQ record explains itself");
+                assert_eq!(m.header("source_topic"), TOPIC);
+                let reason = m.header("reason");
+                let partition = m.header("source_partition").parse().unwrap();
+                let offset = m.header("source_offset").parse().unwrap();
+                (m.payload, reason, partition, offset)
+            })
+            .collect()
+    }
+
+    /// Every DLQ record (committed ones: librdkafka reads `read_committed`), whole.
+    pub fn dlq_messages(&self) -> Vec<DlqMessage> {
         let c = self.reader("harness-dlq");
         let (_, high) = c.fetch_watermarks(DLQ, 0, Duration::from_secs(5)).expect("dlq watermarks");
         let mut tpl = TopicPartitionList::new();
@@ -264,21 +298,15 @@ impl Harness {
         while (out.len() as i64) < high && Instant::now() < deadline {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 let h = m.headers().expect("DLQ records carry headers");
-                let get = |k: &str| {
-                    h.iter()
-                        .find(|x| x.key == k)
-                        .and_then(|x| x.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default()
-                };
-                out.push((
-                    m.payload().unwrap_or_default().to_vec(),
-                    get("reason"),
-                    get("source_partition").parse().unwrap(),
-                    get("source_offset").parse().unwrap(),
-                ));
-                assert!(!get("detail").is_empty(), "every DLQ record explains itself");
-                assert_eq!(get("source_topic"), TOPIC);
+                let headers = h
+                    .iter()
+                    .map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                    .collect();
+                out.push(DlqMessage {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
             }
         }
         out

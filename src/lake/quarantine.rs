@@ -1,0 +1,119 @@
+//! Quarantine (I10): an object of the lake that cannot be read, or does not belong, is moved
+//! aside instead of failing its reader on every restart.
+//!
+//! A raw file, table file, watermark or compaction intent that does not decode (truncated,
+//! garbage, a schema no version can read) would fail the partitioner or compactor each time it
+//! met it, and with it the restart intensity. Instead it is copied to
+//! `_trstream/quarantine/<its key>` in the same bucket, with `<its key>.reason.json` beside it
+//! (what it was, why, when, by which instance), then deleted. Copy first, delete last: a crash in
+//! between leaves the original, which is quarantined again. `_trstream/` is under no reader's
+//! `year=*/**` glob and no listing of raw files, so nothing reads a quarantined object by
+//! accident; `trstream audit` lists them. Counted in `trstream_objects_quarantined_total{kind}`,
+//! logged at ERROR with the key.
+//!
+//! What becomes of the data depends on the kind (supervision.md, "Poison objects"): a raw file's
+//! rows leave the table's reach (its records are still in Kafka, within retention); a table
+//! file is rebuilt from the raw files under it; a watermark or an intent is bookkeeping that is
+//! rebuilt (the partition partitioned again from its start, the overlaps repaired) or dropped.
+
+use serde::{Deserialize, Serialize};
+
+use crate::context::PipelineCtx;
+use crate::lake::{LakeStore, StoreError};
+use crate::metrics as m;
+
+/// Where quarantined objects go, in the bucket they came from.
+pub const PREFIX: &str = "_trstream/quarantine/";
+const NOTE_SUFFIX: &str = ".reason.json";
+
+/// What was quarantined (the metric's `kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Raw,
+    Table,
+    Watermark,
+    Intent,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Raw => "raw",
+            Kind::Table => "table",
+            Kind::Watermark => "watermark",
+            Kind::Intent => "intent",
+        }
+    }
+}
+
+/// The reason file beside a quarantined object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    /// The object's key before it was moved (the copy is under [`PREFIX`] + this).
+    pub key: String,
+    pub kind: String,
+    pub reason: String,
+    pub bytes: u64,
+    pub quarantined_at: String,
+    pub instance: String,
+}
+
+/// Where the copy of `key` goes.
+pub fn copy_key(key: &str) -> String {
+    format!("{PREFIX}{key}")
+}
+
+/// Where the reason for `key` goes.
+pub fn note_key(key: &str) -> String {
+    format!("{PREFIX}{key}{NOTE_SUFFIX}")
+}
+
+/// Moves `key` (whose bytes are `body`) of `store` aside with `reason`. The caller has checked
+/// its fence: this deletes the original.
+pub async fn quarantine(
+    ctx: &PipelineCtx,
+    store: &LakeStore,
+    key: &str,
+    body: bytes::Bytes,
+    kind: Kind,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let note = Note {
+        key: key.to_string(),
+        kind: kind.as_str().to_string(),
+        reason: reason.to_string(),
+        bytes: body.len() as u64,
+        quarantined_at: chrono::Utc::now().to_rfc3339(),
+        instance: ctx.instance.clone(),
+    };
+    store.put(&copy_key(key), body, "application/octet-stream").await?;
+    let json = serde_json::to_vec_pretty(&note).expect("a quarantine note serializes");
+    store.put(&note_key(key), bytes::Bytes::from(json), "application/json").await?;
+    store.delete(key).await?;
+    ctx.stats.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!(m::OBJECTS_QUARANTINED, "kind" => kind.as_str()).increment(1);
+    tracing::error!(bucket = store.bucket(), key, kind = kind.as_str(), reason,
+        "quarantined an object that cannot be read; moved to {PREFIX} with its reason, work goes on");
+    Ok(())
+}
+
+/// The notes of every object quarantined in `store`.
+pub async fn notes(store: &LakeStore) -> Result<Vec<Note>, StoreError> {
+    let mut out = Vec::new();
+    for key in store.list_keys(PREFIX, None).await? {
+        if !key.ends_with(NOTE_SUFFIX) {
+            continue;
+        }
+        let body = store.get(&key).await?;
+        let note = serde_json::from_slice(&body).unwrap_or_else(|e| Note {
+            key: key[PREFIX.len()..key.len() - NOTE_SUFFIX.len()].to_string(),
+            kind: "unknown".into(),
+            reason: format!("(the reason file is not readable: {e})"),
+            bytes: 0,
+            quarantined_at: String::new(),
+            instance: String::new(),
+        });
+        out.push(note);
+    }
+    Ok(out)
+}
