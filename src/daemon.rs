@@ -290,7 +290,8 @@ pub struct Pipeline {
     pub faults: Arc<Faults>,
     pub http_addr: Option<SocketAddr>,
     root: ActorRef<RootMsg>,
-    root_task: tokio::task::JoinHandle<()>,
+    /// `None` once [`Pipeline::stopped`] has seen it end.
+    root_task: Option<tokio::task::JoinHandle<()>>,
     http_stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -384,7 +385,7 @@ pub async fn start(config: Config, faults: Arc<Faults>) -> Result<Pipeline, Star
         h.alive.store(false, Ordering::Relaxed);
     });
     tracing::info!(http = ?http_addr, "trstream started");
-    Ok(Pipeline { stats, health, faults, http_addr, root, root_task, http_stop })
+    Ok(Pipeline { stats, health, faults, http_addr, root, root_task: Some(root_task), http_stop })
 }
 
 impl Pipeline {
@@ -394,13 +395,18 @@ impl Pipeline {
         if let Err(e) = ractor::call_t!(self.root, RootMsg::Shutdown, timeout.as_millis() as u64) {
             tracing::warn!(error = %e, "shutdown request failed");
         }
-        let _ = self.root_task.await;
+        if let Some(task) = self.root_task {
+            let _ = task.await;
+        }
         let _ = self.http_stop.send(true);
     }
 
     /// Resolves if the supervision tree stops on its own (restart intensity exceeded).
     pub async fn stopped(&mut self) -> String {
-        let _ = (&mut self.root_task).await;
+        if let Some(task) = self.root_task.as_mut() {
+            let _ = task.await;
+            self.root_task = None;
+        }
         self.health.exit_reason.lock().unwrap().clone().unwrap_or_else(|| "supervision tree stopped".into())
     }
 }

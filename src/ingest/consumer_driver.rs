@@ -619,6 +619,9 @@ pub fn run(consumer: Arc<Consumer>, cmds: Receiver<DriverCmd>) -> Option<String>
                         let reason = format!("the Kafka consumer hit a fatal error ({code:?}): {why}");
                         tracing::error!("{reason}; nothing more is read or committed");
                         abort(&consumer);
+                        // librdkafka's destroy of a client in a fatal state can block for good:
+                        // not on this thread, which must report the failure.
+                        std::thread::spawn(move || drop(consumer));
                         return Some(reason);
                     }
                     tracing::warn!(error = %e, "consumer error");
