@@ -497,10 +497,16 @@ async fn a_dead_letter_refused_for_good_parks_its_partition(exactly_once: bool) 
     wait_for("partition 1 committed to its end", DONE, || stats.committed().get(&1) == end.get(&1)).await;
     let readyz = http_get(addr, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
-    let says = format!("partition 0 stopped: partition 0: the DLQ topic transactions.dlq refuses the dead letter of offset {refused} (oversized) for good");
+    let says = format!(
+        "partition 0 stopped: partition 0: the DLQ topic transactions.dlq refuses the dead letter of offset {refused} (oversized) for good"
+    );
     assert!(readyz.contains(&says) && readyz.contains("max.message.bytes"), "names it and what to do: {readyz}");
     assert_eq!(common::metric(addr, "trstream_partitions_stopped"), Some(1.0));
-    assert!(stats.committed().get(&0).is_none_or(|&c| c <= refused), "nothing committed past it: {:?}", stats.committed());
+    assert!(
+        stats.committed().get(&0).is_none_or(|&c| c <= refused),
+        "nothing committed past it: {:?}",
+        stats.committed()
+    );
     assert_eq!(Stats::get(&stats.restarts), 0, "parked, not restarted");
     pipeline.shutdown().await;
     assert!(h.dlq_records().iter().all(|d| (d.2, d.3) != (0, refused)), "the record is not in the DLQ");

@@ -680,7 +680,8 @@ async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged
     pipeline.shutdown().await;
     let lake = h.dir.path().to_path_buf();
     let table_dir = lake.join("tb-transactions");
-    let p0: Vec<(RawFileName, std::path::PathBuf)> = h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
+    let p0: Vec<(RawFileName, std::path::PathBuf)> =
+        h.raw_files().into_iter().filter(|(n, _)| n.partition == 0).collect();
     assert!(p0.len() >= 3, "partition 0 has several raw files: {}", p0.len());
 
     // A newer trstream partitioned p0's first raw file: its table files carry an extra column,
@@ -697,7 +698,8 @@ async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged
         let mut columns = part.columns().to_vec();
         columns.push(A::new(tier) as A<dyn Array>);
         let newer = RecordBatch::try_new(A::new(arrow_schema::Schema::new(fields)), columns).unwrap();
-        let mut bytes = parquet::encode_with(&newer, parquet::source_metadata(first, part.num_rows()), 3, 100_000).unwrap();
+        let mut bytes =
+            parquet::encode_with(&newer, parquet::source_metadata(first, part.num_rows()), 3, 100_000).unwrap();
         let key = hive.file_key(first);
         if i == 0 {
             bytes.truncate(bytes.len() / 2);
@@ -758,7 +760,12 @@ async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged
     assert!(report.unreadable.is_empty(), "{:?}", report.unreadable);
     let t = &report.total;
     assert_eq!(t.valid, h.valid_produced());
-    assert_eq!((t.missing, t.duplicated, t.unexpected), (lost, 0, 0), "only the truncated raw file's rows are missing:\n{}", report.to_table());
+    assert_eq!(
+        (t.missing, t.duplicated, t.unexpected),
+        (lost, 0, 0),
+        "only the truncated raw file's rows are missing:\n{}",
+        report.to_table()
+    );
     assert_eq!((t.raw_missing, t.raw_duplicated), (Some(lost), Some(0)));
     assert_eq!(t.in_dlq, t.invalid);
     assert_eq!(Stats::get(&stats.quarantined), 4);

@@ -210,10 +210,11 @@ async fn peak_rss_of_a_large_merge_does_not_follow_the_files_size() {
         peak as f64 / MIB as f64
     );
     assert_eq!((name.first_offset, name.last_offset), (0, FILES * ROWS - 1));
-    let reader = ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
+    let reader =
+        ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
     let mut next = 0i64;
     for batch in reader {
         let batch = batch.unwrap();

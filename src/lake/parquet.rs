@@ -267,7 +267,11 @@ const STREAM_ROW_GROUP_BYTES: usize = 32 << 20;
 
 impl StreamWriter {
     /// A file of `schema` (from [`union_schema`]).
-    pub fn new(schema: SchemaRef, zstd_level: i32, row_group_rows: usize) -> Result<Self, parquet::errors::ParquetError> {
+    pub fn new(
+        schema: SchemaRef,
+        zstd_level: i32,
+        row_group_rows: usize,
+    ) -> Result<Self, parquet::errors::ParquetError> {
         let props = writer_properties(Vec::new(), zstd_level, row_group_rows)?;
         let writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
         Ok(StreamWriter { writer, schema, rows: 0 })

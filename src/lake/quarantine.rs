@@ -92,8 +92,13 @@ pub async fn quarantine(
     store.delete(key).await?;
     ctx.stats.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!(m::OBJECTS_QUARANTINED, "kind" => kind.as_str()).increment(1);
-    tracing::error!(bucket = store.bucket(), key, kind = kind.as_str(), reason,
-        "quarantined an object that cannot be read; moved to {PREFIX} with its reason, work goes on");
+    tracing::error!(
+        bucket = store.bucket(),
+        key,
+        kind = kind.as_str(),
+        reason,
+        "quarantined an object that cannot be read; moved to {PREFIX} with its reason, work goes on"
+    );
     Ok(())
 }
 

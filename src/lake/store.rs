@@ -484,10 +484,7 @@ impl Multipart {
                 Ok(out) => {
                     self.bytes += body.len() as u64;
                     self.parts.push(
-                        aws_sdk_s3::types::CompletedPart::builder()
-                            .set_e_tag(out.e_tag)
-                            .part_number(number)
-                            .build(),
+                        aws_sdk_s3::types::CompletedPart::builder().set_e_tag(out.e_tag).part_number(number).build(),
                     );
                     return Ok(());
                 }

@@ -676,9 +676,13 @@ impl CompactorState {
         if self.ctx.faults.late_writes_possible(WriteKind::Merged) {
             // The test hook of late writes needs the bytes: taken back and landed later.
             let bytes = self.ctx.table.get(output_key).await?;
-            if let Err(e) =
-                self.ctx.faults.late_write(WriteKind::Merged, &self.ctx.table, output_key, &bytes, Write::Plain(PARQUET))
-            {
+            if let Err(e) = self.ctx.faults.late_write(
+                WriteKind::Merged,
+                &self.ctx.table,
+                output_key,
+                &bytes,
+                Write::Plain(PARQUET),
+            ) {
                 self.ctx.table.delete(output_key).await?;
                 self.ctx.table_write_failed(p, plan.hive.clone(), &plan.output_name());
                 return Err(e.into());

@@ -639,8 +639,12 @@ pub(crate) async fn rebuild_table_file(
     .map_err(|e| WorkError::Other(format!("rebuilding {}: {e}", hive.file_key(name))))?;
     let key = hive.file_key(name);
     let Some((rows, bytes)) = rebuilt else {
-        tracing::error!(partition = p, key, sources = sources.len(),
-            "a quarantined table file cannot be rebuilt: raw-data no longer holds its rows (retention?); trstream audit reports them missing");
+        tracing::error!(
+            partition = p,
+            key,
+            sources = sources.len(),
+            "a quarantined table file cannot be rebuilt: raw-data no longer holds its rows (retention?); trstream audit reports them missing"
+        );
         return Ok(0);
     };
     ctx.check_fence(p).await?;
@@ -700,6 +704,9 @@ async fn read_watermark_mark(
     };
     ctx.check_fence(partition).await?;
     quarantine::quarantine(ctx, &ctx.table, &key, body, quarantine::Kind::Watermark, &why).await?;
-    tracing::warn!(partition, "the partition is partitioned again from its first raw file; overlaps with merged files are repaired by the compactor");
+    tracing::warn!(
+        partition,
+        "the partition is partitioned again from its first raw file; overlaps with merged files are repaired by the compactor"
+    );
     Ok((None, None))
 }

@@ -403,7 +403,8 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3000 {
             let r = g.next_at(now);
-            let got = v.validate(if r.payload.is_empty() { None } else { Some(&r.payload) }, Some(now.timestamp_micros()));
+            let got =
+                v.validate(if r.payload.is_empty() { None } else { Some(&r.payload) }, Some(now.timestamp_micros()));
             match (&r.expect, got) {
                 (Expect::Valid(id), Ok(t)) => assert_eq!(&t.transaction_id, id),
                 (Expect::Invalid(reason), Err(rej)) => {

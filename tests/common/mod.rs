@@ -300,7 +300,12 @@ impl Harness {
                 let h = m.headers().expect("DLQ records carry headers");
                 let headers = h
                     .iter()
-                    .map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                    .map(|x| {
+                        (
+                            x.key.to_string(),
+                            x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default(),
+                        )
+                    })
                     .collect();
                 out.push(DlqMessage {
                     key: m.key().map(<[u8]>::to_vec),
