@@ -173,6 +173,17 @@ fn limit_malloc_arenas() {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // A fixed threshold: buffers of 4 MiB and more (an input file, an upload part, a
+        // column) are mapped and unmapped whole. glibc's default raises the threshold after
+        // each such free, up to 32 MiB, after which they stay in the heap, fragmented: a
+        // streamed merge of 190 MiB then peaked at 177 MiB RSS instead of about 100.
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -108,7 +108,7 @@ async fn peak_rss_stays_in_the_caps_through_a_store_outage_of_over_a_minute() {
 /// so its peak does not follow the output's size. (Held in memory, the inputs alone were the
 /// output's size, their decoded batches and the concatenation twice more.) The files are a newer
 /// version's too: an extra column, merged under the union schema. Asserted: the merged file
-/// holds every row once, in offset order, and the daemon's peak RSS stays under 160 MiB, below the
+/// holds every row once, in offset order, and the daemon's peak RSS stays under 128 MiB, below the
 /// output's own size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_rss_of_a_large_merge_does_not_follow_the_files_size() {
@@ -225,5 +225,5 @@ async fn peak_rss_of_a_large_merge_does_not_follow_the_files_size() {
         }
     }
     assert_eq!(next, FILES * ROWS);
-    assert!(peak < 160 * MIB, "peak RSS {peak} bytes for a merge of {written} bytes");
+    assert!(peak < 128 * MIB, "peak RSS {peak} bytes for a merge of {written} bytes");
 }

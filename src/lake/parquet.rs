@@ -263,7 +263,7 @@ pub struct StreamWriter {
 
 /// A streamed file's row group is closed once its encoded size reaches this, even short of
 /// `parquet.row_group_rows` rows.
-const STREAM_ROW_GROUP_BYTES: usize = 32 << 20;
+const STREAM_ROW_GROUP_BYTES: usize = 16 << 20;
 
 impl StreamWriter {
     /// A file of `schema` (from [`union_schema`]).
