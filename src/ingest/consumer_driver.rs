@@ -459,9 +459,35 @@ async fn recovery(
                     ctx.health.s3_ok.store(false, Ordering::Relaxed);
                     return Err(format!("reading the topic id of {key}: {e}").into());
                 }
-                // An unreadable footer is not a reason to stall the partition: the log-end
-                // check still applies (issue 12 quarantines such files).
                 Err(e) => {
+                    // A raw file past the commit that does not decode is never adopted: its
+                    // offsets would be committed without its rows ever reaching the table. It is
+                    // moved aside (I10) and the recovery runs again without it, so its records
+                    // are read again from the log and written anew.
+                    if let Some(body) = ctx.store.get_opt(&key).await.map_err(|e| format!("reading {key}: {e}"))? {
+                        let check = body.clone();
+                        let decodes = tokio::task::spawn_blocking(move || crate::lake::parquet::decode_raw(check, p))
+                            .await
+                            .map_err(|e| format!("decoder task failed: {e}"))?;
+                        if let Err(why) = decodes {
+                            let why = format!("uploaded, not committed, and not readable: {why}");
+                            crate::lake::quarantine::quarantine(
+                                &ctx,
+                                &ctx.store,
+                                &key,
+                                body,
+                                crate::lake::quarantine::Kind::Raw,
+                                &why,
+                            )
+                            .await
+                            .map_err(|e| format!("quarantining {key}: {e}"))?;
+                            return Err(format!(
+                                "quarantined the unreadable raw file {key}; scanning partition {p} again"
+                            )
+                            .into());
+                        }
+                    }
+                    // Readable, its topic id entry aside: the log-end check still applies.
                     tracing::warn!(partition = p, file = %key, error = %e, "cannot read the topic id a raw file records");
                     None
                 }

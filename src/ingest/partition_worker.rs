@@ -407,7 +407,11 @@ impl PartitionWorkerState {
             if self.next_offset.is_none() && self.committed.is_none() && self.pending_commit.is_none() {
                 // Nothing committed yet for this partition: record where we start, so a
                 // replacement after a crash resumes here rather than at `auto.offset.reset`.
+                // Committed now, before this record can be part of a flush that fails.
                 self.pending_commit = Some((e.offset, 0));
+                if self.started {
+                    self.commit(&mut [], e.offset, 0).await?;
+                }
             }
             consumed += 1;
             let w = self.window.get_or_insert_with(|| Window::open(e.offset));
@@ -451,11 +455,6 @@ impl PartitionWorkerState {
         }
         if skipped > 0 {
             self.budget.release(skipped_bytes, skipped as usize);
-        }
-        if let Some((next, covers)) = self.pending_commit.filter(|_| self.started) {
-            // The partition's first offset, committed at once rather than at the next tick: a
-            // crash in between would have resumed at `auto.offset.reset` ("latest" skips records).
-            self.commit(&mut [], next, covers).await?;
         }
         if consumed > 0 {
             metrics::counter!(m::RECORDS_CONSUMED, "partition" => self.partition_label.clone()).increment(consumed);

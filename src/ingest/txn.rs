@@ -142,7 +142,15 @@ impl FlushTxn {
             for (i, f) in deliveries.into_iter().enumerate() {
                 let Some(f) = f else { continue };
                 if let Ok(Err((de, _))) = f.await {
-                    let size = de.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge);
+                    // Batch-level size refusals too: each letter sent alone may fit.
+                    let size = matches!(
+                        de.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::MessageSizeTooLarge
+                                | RDKafkaErrorCode::MessageBatchTooLarge
+                                | RDKafkaErrorCode::InvalidMessageSize
+                        )
+                    );
                     one_by_one |= size;
                     if !size && park.is_none() && dlq::refused_for_good(&de) {
                         park = Some(letters[i].refused(self.dlq.topic(), &de));

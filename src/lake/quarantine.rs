@@ -78,6 +78,21 @@ pub async fn quarantine(
     kind: Kind,
     reason: &str,
 ) -> Result<(), StoreError> {
+    set_aside(ctx, store, key, body, kind, reason).await?;
+    store.delete(key).await
+}
+
+/// Copies `key` aside with `reason`, leaving the original in place: for an object that is about
+/// to be replaced (a table file rebuilt under its own key), so that nothing is ever deleted
+/// before its replacement exists.
+pub async fn set_aside(
+    ctx: &PipelineCtx,
+    store: &LakeStore,
+    key: &str,
+    body: bytes::Bytes,
+    kind: Kind,
+    reason: &str,
+) -> Result<(), StoreError> {
     let note = Note {
         key: key.to_string(),
         kind: kind.as_str().to_string(),
@@ -89,7 +104,6 @@ pub async fn quarantine(
     store.put(&copy_key(key), body, "application/octet-stream").await?;
     let json = serde_json::to_vec_pretty(&note).expect("a quarantine note serializes");
     store.put(&note_key(key), bytes::Bytes::from(json), "application/json").await?;
-    store.delete(key).await?;
     ctx.stats.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     metrics::counter!(m::OBJECTS_QUARANTINED, "kind" => kind.as_str()).increment(1);
     tracing::error!(

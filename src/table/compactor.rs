@@ -593,6 +593,16 @@ impl CompactorState {
                 }
             }
         }
+        // An input with a known column of another type is poison (like one that does not
+        // decode): quarantined and rebuilt, then planned again.
+        for ((name, key, _), schema) in plan.inputs.iter().zip(&schemas) {
+            if let Err(why) = parquet::union_schema([schema])
+                && let Some(body) = self.ctx.table.get_opt(key).await?
+            {
+                self.poisoned_table_file(&plan.hive, name, key, body, why.to_string()).await?;
+                return Ok(None);
+            }
+        }
         let union = match parquet::union_schema(&schemas) {
             Ok(u) => u,
             Err(e) => {
@@ -650,10 +660,17 @@ impl CompactorState {
             plan.inputs.len().to_string(),
         ));
         let rows = writer.rows();
-        let tail = tokio::task::spawn_blocking(move || writer.finish(meta))
-            .await
-            .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?
-            .map_err(|e| WorkError::Other(format!("finishing {output_key}: {e}")))?;
+        let tail = match tokio::task::spawn_blocking(move || writer.finish(meta)).await {
+            Ok(Ok(tail)) => tail,
+            Ok(Err(e)) => {
+                upload.abort().await;
+                return Err(WorkError::Other(format!("finishing {output_key}: {e}")));
+            }
+            Err(e) => {
+                upload.abort().await;
+                return Err(WorkError::Other(format!("compactor task failed: {e}")));
+            }
+        };
         pending.extend(tail);
         // I9: checked again after the reads and the merge, which a stall may have held up past
         // the lease, and again before the deletes.
@@ -715,8 +732,14 @@ impl CompactorState {
         }
         self.ctx.check_fence(p).await?;
         let body = if again.is_empty() { body } else { again };
-        quarantine::quarantine(&self.ctx, &self.ctx.table, key, body, quarantine::Kind::Table, &why).await?;
-        rebuild_table_file(&self.ctx, hive, name).await?;
+        // Copied aside first; the rebuild then writes over the same key, so the rows are never
+        // absent from the table in between (a failure on the way leaves the poison in place, to
+        // be found again). Only a rebuild with no rows at all deletes it.
+        quarantine::set_aside(&self.ctx, &self.ctx.table, key, body, quarantine::Kind::Table, &why).await?;
+        if rebuild_table_file(&self.ctx, hive, name).await? == 0 {
+            self.ctx.check_fence(p).await?;
+            self.ctx.table.delete(key).await?;
+        }
         Ok(())
     }
 

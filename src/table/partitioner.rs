@@ -412,7 +412,7 @@ async fn list_after_watermark(
     let (mut watermark, mut etag) = match known {
         // Where writes are conditional, the next one is refused if it moved.
         Some(w) if conditional => w,
-        _ => read_watermark_mark(ctx, topic, p).await?,
+        _ => read_watermark_mark(ctx, topic, p, true).await?,
     };
     if let Some(mine) = in_memory
         && !conditional
@@ -582,6 +582,17 @@ pub(crate) async fn decode_raw(
         Ok(batch) => return Ok(Some(batch)),
         Err(e) => e,
     };
+    // Only a file the partition's commit has passed: one uploaded and not committed yet may be
+    // about to be adopted by a recovery (its offsets then committed without being read again),
+    // and a file quarantined before that is simply written again from the log. Until then, wait.
+    let last = RawFileName::parse(key).map_or(i64::MAX, |n| n.last_offset);
+    if ctx.stats.committed().get(&p).is_none_or(|&next| next <= last) {
+        return Err(WorkError::Store(crate::lake::StoreError::Retryable {
+            op: "decode",
+            target: key.to_string(),
+            detail: format!("{why}; quarantined once this instance has committed past offset {last}"),
+        }));
+    }
     ctx.check_fence(p).await?;
     quarantine::quarantine(ctx, &ctx.store, key, again, quarantine::Kind::Raw, &why.to_string()).await?;
     Ok(None)
@@ -598,6 +609,8 @@ pub(crate) async fn rebuild_table_file(
 ) -> Result<usize, WorkError> {
     let p = name.partition;
     let raw_prefix = &ctx.config.s3.raw_prefix;
+    // Raw files are listed in first-offset order; none that starts past the range matters, and
+    // the listing starts at the partition's first file (a file straddling the range's start).
     let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), None).await?;
     let sources: Vec<RawFileName> = listed
         .iter()
@@ -605,29 +618,32 @@ pub(crate) async fn rebuild_table_file(
         .filter(|f| f.topic == name.topic && f.partition == p)
         .filter(|f| f.first_offset <= name.last_offset && name.first_offset <= f.last_offset)
         .collect();
-    let mut batches = Vec::new();
+    // One raw file at a time, keeping only the rows of the file's range and Hive partition: a
+    // merged file of a sparse Hive partition can span much of the partition's history (I4).
+    let mut parts = Vec::new();
     for f in &sources {
         let key = f.key(raw_prefix);
         let Some(body) = ctx.store.get_opt(&key).await? else { continue };
-        if let Some(batch) = decode_raw(ctx, p, &key, body).await? {
-            batches.push(batch);
-        }
+        let Some(batch) = decode_raw(ctx, p, &key, body).await? else { continue };
+        let (want, range) = (hive.clone(), name.first_offset..=name.last_offset);
+        let part = tokio::task::spawn_blocking(move || -> Result<Option<arrow_array::RecordBatch>, String> {
+            let keep =
+                arrow_array::BooleanArray::from_iter(table::offsets(&batch).iter().map(|o| Some(range.contains(o))));
+            let batch = arrow_select::filter::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?;
+            Ok(table::split(&batch).map_err(|e| e.to_string())?.into_iter().find(|(h, _)| *h == want).map(|(_, b)| b))
+        })
+        .await
+        .map_err(|e| WorkError::Other(format!("rebuild task failed: {e}")))?
+        .map_err(|e| WorkError::Other(format!("rebuilding {}: {e}", hive.file_key(name))))?;
+        parts.extend(part);
     }
     let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
-    let (want, out) = (hive.clone(), name.clone());
+    let out = name.clone();
     let rebuilt = tokio::task::spawn_blocking(move || -> Result<Option<(usize, Vec<u8>)>, String> {
-        if batches.is_empty() {
+        if parts.is_empty() {
             return Ok(None);
         }
-        let all = parquet::concat_union(&batches).map_err(|e| e.to_string())?;
-        let keep = arrow_array::BooleanArray::from_iter(
-            table::offsets(&all).iter().map(|&o| Some((out.first_offset..=out.last_offset).contains(&o))),
-        );
-        let all = arrow_select::filter::filter_record_batch(&all, &keep).map_err(|e| e.to_string())?;
-        let Some((_, part)) = table::split(&all).map_err(|e| e.to_string())?.into_iter().find(|(h, _)| *h == want)
-        else {
-            return Ok(None);
-        };
+        let part = parquet::concat_union(&parts).map_err(|e| e.to_string())?;
         let part = table::keep_each_offset_once(&part).map_err(|e| e.to_string())?;
         let mut meta = parquet::source_metadata(&out, part.num_rows());
         meta.push(::parquet::file::metadata::KeyValue::new("trstream.rebuilt_from_raw".into(), "true".to_string()));
@@ -677,8 +693,11 @@ async fn put_output(
 }
 
 /// The partitioner's watermark of `partition` (`None`: nothing partitioned yet).
+/// A watermark that is not one is taken as absent (nothing is done with the files it would
+/// cover) and left for the partitioner to quarantine: one writer of the key, so a quarantine
+/// never deletes the new watermark the partitioner wrote meanwhile.
 pub async fn read_watermark(ctx: &PipelineCtx, topic: &str, partition: i32) -> Result<Option<i64>, WorkError> {
-    Ok(read_watermark_mark(ctx, topic, partition).await?.0.map(|m| m.last))
+    Ok(read_watermark_mark(ctx, topic, partition, false).await?.0.map(|m| m.last))
 }
 
 /// The watermark of `partition` with its listing floor, and the object's ETag. One that is not a
@@ -689,6 +708,7 @@ async fn read_watermark_mark(
     ctx: &PipelineCtx,
     topic: &str,
     partition: i32,
+    quarantine_bad: bool,
 ) -> Result<(Option<Mark>, Option<String>), WorkError> {
     let key = table::watermark_key(topic, partition);
     let Some((body, etag)) = ctx.table.get_with_etag(&key).await? else { return Ok((None, None)) };
@@ -702,6 +722,9 @@ async fn read_watermark_mark(
         ),
         Err(e) => format!("not a trstream watermark: {e}"),
     };
+    if !quarantine_bad {
+        return Ok((None, None));
+    }
     ctx.check_fence(partition).await?;
     quarantine::quarantine(ctx, &ctx.table, &key, body, quarantine::Kind::Watermark, &why).await?;
     tracing::warn!(
