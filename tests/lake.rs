@@ -783,3 +783,35 @@ async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged
     let expected_tier: usize = parts.iter().skip(1).map(|(_, p)| p.num_rows()).sum();
     assert_eq!(with_tier, expected_tier, "every row of the newer files keeps its loyalty_tier");
 }
+
+/// Issue 12 (I10, review): an unreadable raw file past the commit (uploaded, never committed,
+/// truncated by the store) is quarantined by the recovery instead of adopted. Adopted, its
+/// offsets would have been committed with its rows nowhere readable; quarantined, its records are
+/// read again from the log and written anew: the audit is clean and lists the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
+    let mut h = Harness::new(1).await;
+    let config = h.lake_config();
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(1_000);
+    settle(&h).await;
+    pipeline.shutdown().await;
+    let committed = h.committed(GROUP)[&0];
+    h.produce(1_000);
+    // What a crash between an upload and its commit leaves, truncated: a file past the commit.
+    let name = RawFileName { topic: common::TOPIC.into(), partition: 0, first_offset: committed, last_offset: committed + 499 };
+    let key = name.key(&config.s3.raw_prefix);
+    let path = h.dir.path().join("raw-data").join(&key);
+    std::fs::write(&path, b"PAR1 the first bytes of a file whose upload was cut").unwrap();
+
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    settle(&h).await;
+    let report = h.audit(&config).await;
+    let stats = pipeline.stats.clone();
+    pipeline.shutdown().await;
+    assert_clean(&h, &report);
+    let quarantined: Vec<_> = report.quarantined.iter().map(|q| (q.kind.as_str(), q.key.as_str())).collect();
+    assert_eq!(quarantined, [("raw", key.as_str())], "{}", report.to_table());
+    assert_eq!(Stats::get(&stats.adopted_files), 0, "nothing adopted");
+    assert!(!path.exists() || h.raw_files().iter().any(|(n, _)| n.first_offset == committed), "written anew from the log");
+}
