@@ -799,7 +799,12 @@ async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
     let committed = h.committed(GROUP)[&0];
     h.produce(1_000);
     // What a crash between an upload and its commit leaves, truncated: a file past the commit.
-    let name = RawFileName { topic: common::TOPIC.into(), partition: 0, first_offset: committed, last_offset: committed + 499 };
+    let name = RawFileName {
+        topic: common::TOPIC.into(),
+        partition: 0,
+        first_offset: committed,
+        last_offset: committed + 499,
+    };
     let key = name.key(&config.s3.raw_prefix);
     let path = h.dir.path().join("raw-data").join(&key);
     std::fs::write(&path, b"PAR1 the first bytes of a file whose upload was cut").unwrap();
@@ -813,5 +818,8 @@ async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
     let quarantined: Vec<_> = report.quarantined.iter().map(|q| (q.kind.as_str(), q.key.as_str())).collect();
     assert_eq!(quarantined, [("raw", key.as_str())], "{}", report.to_table());
     assert_eq!(Stats::get(&stats.adopted_files), 0, "nothing adopted");
-    assert!(!path.exists() || h.raw_files().iter().any(|(n, _)| n.first_offset == committed), "written anew from the log");
+    assert!(
+        !path.exists() || h.raw_files().iter().any(|(n, _)| n.first_offset == committed),
+        "written anew from the log"
+    );
 }

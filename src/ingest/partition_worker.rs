@@ -663,10 +663,28 @@ impl PartitionWorkerState {
             }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&self.ctx.config.kafka.topic, self.partition, Offset::Offset(next))?;
-            let consumer = self.consumer.clone();
-            let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-                .await
-                .map_err(|e| format!("commit task failed: {e}"))?;
+            // A commit refused because the group is rebalancing is asked again a few times: the
+            // rebalance ends within moments (this worker is drained first if it loses the
+            // partition), and failing the worker instead restarts it into the same rebalance,
+            // which with several members fed a storm of restarts (seen in the mock cluster).
+            let mut wait = Duration::from_millis(50);
+            let res = loop {
+                let (consumer, tpl) = (self.consumer.clone(), tpl.clone());
+                let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                    .await
+                    .map_err(|e| format!("commit task failed: {e}"))?;
+                match res {
+                    Err(e)
+                        if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::RebalanceInProgress)
+                            && wait < Duration::from_secs(2)
+                            && !self.ctx.abandoning() =>
+                    {
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
+                    res => break res,
+                }
+            };
             if let Err(e) = res {
                 metrics::counter!(m::COMMIT_ERRORS).increment(1);
                 return Err(format!("commit of offset {next} on partition {} failed: {e}", self.partition).into());
