@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{Harness, free_port, wait_for};
+use common::{Harness, free_port, spawn_daemon, stop_daemon, wait_for};
 
 const GROUP: &str = "trstream-test";
 
@@ -16,15 +16,7 @@ async fn sigterm_drains_commits_and_exits_zero() {
     let mut config = h.drain_only_config();
     let port = free_port();
     config.http.listen = format!("127.0.0.1:{port}");
-    let file = h.dir.path().join("trstream.toml");
-    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
-
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trstream"))
-        .args(["run", "--config", file.to_str().unwrap()])
-        .env("TRSTREAM_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_daemon(&h, &config);
     h.produce(3_000);
     wait_for("the daemon consumed everything", Duration::from_secs(120), || {
         common::metric(([127, 0, 0, 1], port).into(), "trstream_records_consumed_total").unwrap_or(0.0) >= 3_000.0
@@ -40,16 +32,6 @@ async fn sigterm_drains_commits_and_exits_zero() {
         assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not exit within 60s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(exit.success(), "exit status {exit:?}");
+    stop_daemon(child).await;
     h.assert_exactly_once(GROUP, true);
 }

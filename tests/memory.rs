@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{GROUP, Harness, free_port, wait_for};
-use trstream::config::Config;
+use common::{GROUP, Harness, free_port, spawn_daemon, stop_daemon, wait_for};
 
 const MIB: u64 = 1 << 20;
 
@@ -20,32 +18,6 @@ fn peak_rss(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/<pid>/status");
     let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmHWM in kB");
     kb * 1024
-}
-
-/// `trstream run` on `config`, as a process of its own.
-fn spawn_daemon(h: &Harness, config: &Config) -> Child {
-    let file = h.dir.path().join("trstream.toml");
-    std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_trstream"))
-        .args(["run", "--config", file.to_str().unwrap()])
-        .env("TRSTREAM_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("trstream run starts")
-}
-
-/// SIGTERM, then the exit, within a minute.
-async fn stop_daemon(mut child: Child) {
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "exit status {s:?}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not exit within 60s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A store outage of 70 s under a steady produce: uploads fail, buffers fill to the caps and the

@@ -311,42 +311,62 @@ impl LakeStore {
             .max_by_key(|(n, _)| n.last_offset))
     }
 
-    /// The bytes of the object at `key` (of `size` bytes) from `start` to its end. An explicit
-    /// start rather than a suffix range: s3s-fs fails a suffix longer than the object.
-    pub async fn get_from(&self, key: &str, start: u64) -> Result<bytes::Bytes, StoreError> {
+    /// The bytes of the object at `key` from `start` to its end; `None` when there is no such
+    /// object. An explicit start rather than a suffix range: s3s-fs fails a suffix longer than
+    /// the object. A start past the end (the object is shorter than listed: replaced since)
+    /// reads it whole.
+    async fn get_from(&self, key: &str, start: u64) -> Result<Option<bytes::Bytes>, StoreError> {
         let range = format!("bytes={start}-");
         match self.client.get_object().bucket(&self.bucket).key(key).range(range).send().await {
-            Ok(out) => Ok(out
-                .body
-                .collect()
-                .await
-                .map_err(|e| StoreError::Retryable { op: "GetObject", target: key.to_string(), detail: e.to_string() })?
-                .into_bytes()),
-            Err(e) => {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                Err(classify("GetObject", key, &e, status))
-            }
+            Ok(out) => Ok(Some(
+                out.body
+                    .collect()
+                    .await
+                    .map_err(|e| StoreError::Retryable { op: "GetObject", target: key.into(), detail: e.to_string() })?
+                    .into_bytes(),
+            )),
+            Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                Some(404) => Ok(None),
+                Some(416) => self.get_opt(key).await,
+                status => Err(classify("GetObject", key, &e, status)),
+            },
+        }
+    }
+
+    /// Reads the footer of the Parquet file at `key` (of `size` bytes, as listed) alone, its last
+    /// 64 KiB first and more when `parse` says how much it needs. `None`: no such object;
+    /// `Some(Err)`: not a readable Parquet file.
+    async fn read_footer<T>(
+        &self,
+        key: &str,
+        size: u64,
+        parse: impl Fn(&[u8]) -> Result<T, Result<usize, String>>,
+    ) -> Result<Option<Result<T, String>>, StoreError> {
+        let mut want: u64 = 64 * 1024;
+        loop {
+            let start = size.saturating_sub(want);
+            let Some(tail) = self.get_from(key, start).await? else { return Ok(None) };
+            return Ok(Some(match parse(&tail) {
+                Ok(v) => Ok(v),
+                Err(Ok(needed)) if start > 0 && needed as u64 > want => {
+                    want = needed as u64;
+                    continue;
+                }
+                Err(Ok(needed)) => {
+                    Err(format!("the Parquet footer needs {needed} bytes, the object has {}", tail.len()))
+                }
+                Err(Err(detail)) => Err(detail),
+            }));
         }
     }
 
     /// A key-value metadata entry of the Parquet file at `key` (of `size` bytes), read from its
     /// footer alone.
     pub async fn parquet_footer_value(&self, key: &str, size: u64, entry: &str) -> Result<Option<String>, StoreError> {
-        let mut want: u64 = 64 * 1024;
-        loop {
-            let tail = self.get_from(key, size.saturating_sub(want)).await?;
-            match crate::lake::parquet::footer_value(&tail, entry) {
-                Ok(v) => return Ok(v),
-                Err(Ok(needed)) if want < size && needed as u64 > want => want = needed as u64,
-                Err(Ok(needed)) => {
-                    return Err(StoreError::Fatal {
-                        op: "GetObject",
-                        target: key.to_string(),
-                        detail: format!("the Parquet footer needs {needed} bytes, the object has {}", tail.len()),
-                    });
-                }
-                Err(Err(detail)) => return Err(StoreError::Fatal { op: "GetObject", target: key.to_string(), detail }),
-            }
+        match self.read_footer(key, size, |tail| crate::lake::parquet::footer_value(tail, entry)).await? {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(detail)) => Err(StoreError::Fatal { op: "GetObject", target: key.to_string(), detail }),
+            None => Err(StoreError::Fatal { op: "GetObject", target: key.to_string(), detail: "no such key".into() }),
         }
     }
 
@@ -357,39 +377,7 @@ impl LakeStore {
         key: &str,
         size: u64,
     ) -> Result<Option<Result<arrow_schema::SchemaRef, String>>, StoreError> {
-        let mut want: u64 = 64 * 1024;
-        loop {
-            let start = size.saturating_sub(want);
-            let range = format!("bytes={start}-");
-            let tail = match self.client.get_object().bucket(&self.bucket).key(key).range(range).send().await {
-                Ok(out) => out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| StoreError::Retryable { op: "GetObject", target: key.into(), detail: e.to_string() })?
-                    .into_bytes(),
-                Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
-                    Some(404) => return Ok(None),
-                    // Shorter than listed (replaced since): read it whole.
-                    Some(416) => match self.get_opt(key).await? {
-                        Some(b) => b,
-                        None => return Ok(None),
-                    },
-                    status => return Err(classify("GetObject", key, &e, status)),
-                },
-            };
-            match crate::lake::parquet::schema_from_tail(&tail) {
-                Ok(schema) => return Ok(Some(Ok(schema))),
-                Err(Ok(needed)) if start > 0 && needed as u64 > want => want = needed as u64,
-                Err(Ok(needed)) => {
-                    return Ok(Some(Err(format!(
-                        "the Parquet footer needs {needed} bytes, the object has {}",
-                        tail.len()
-                    ))));
-                }
-                Err(Err(detail)) => return Ok(Some(Err(detail))),
-            }
-        }
+        self.read_footer(key, size, crate::lake::parquet::schema_from_tail).await
     }
 
     pub async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {

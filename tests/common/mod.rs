@@ -429,3 +429,29 @@ fn tracing_subscriber_init() -> Result<(), ()> {
         Ok(())
     }
 }
+
+/// `trstream run` on `config`, as a process of its own.
+pub fn spawn_daemon(h: &Harness, config: &Config) -> std::process::Child {
+    let file = h.dir.path().join("trstream.toml");
+    std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_trstream"))
+        .args(["run", "--config", file.to_str().unwrap()])
+        .env("TRSTREAM_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("trstream run starts")
+}
+
+/// SIGTERM, then the exit, within a minute.
+pub async fn stop_daemon(mut child: std::process::Child) {
+    assert!(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "exit status {s:?}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit within 60s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
