@@ -44,12 +44,8 @@ pub struct PipelineCtx {
     abandon: AtomicBool,
     /// Kafka partitions this instance owns: the partitioner and compactor touch only their data (I5).
     owned: Mutex<BTreeSet<i32>>,
-    /// Hive partitions the partitioner wrote to since the compactor last looked, per Kafka
-    /// partition: the compactor lists only these between full listings.
-    touched: Mutex<BTreeMap<i32, BTreeSet<HivePartition>>>,
-    /// Table writes that failed and may still land (I9's late writes): when, per Hive
-    /// partition and Kafka partition. The compactor watches those Hive partitions for a while.
-    failed_writes: Mutex<HashMap<(HivePartition, RawFileName), Instant>>,
+    /// What the compactor is told about the table between its passes.
+    for_compactor: Mutex<CompactorNotes>,
     /// This instance's claims (I9): per Kafka partition, the epoch it wrote into the owner record
     /// and when it last saw it current.
     claims: Mutex<HashMap<i32, Claim>>,
@@ -57,6 +53,57 @@ pub struct PipelineCtx {
     pub conditional_writes: AtomicBool,
     pub(crate) partitioner: Mutex<Option<ActorRef<PartitionerMsg>>>,
     pub(crate) compactor: Mutex<Option<ActorRef<CompactorMsg>>>,
+}
+
+/// What the compactor is told between its passes. Only a compactor ever takes (and so bounds)
+/// these, so with it disabled nothing is kept: a daemon running for months without one would
+/// otherwise grow both by every day and type it writes.
+struct CompactorNotes {
+    keep: bool,
+    /// Hive partitions the partitioner wrote to since the compactor last looked, per Kafka
+    /// partition: the compactor lists only these between full listings.
+    touched: BTreeMap<i32, BTreeSet<HivePartition>>,
+    /// Table writes that failed and may still land (I9's late writes): when, per Hive
+    /// partition and raw file. The compactor watches those Hive partitions for a while.
+    failed_writes: HashMap<(HivePartition, RawFileName), Instant>,
+}
+
+impl CompactorNotes {
+    fn new(keep: bool) -> Self {
+        CompactorNotes { keep, touched: BTreeMap::new(), failed_writes: HashMap::new() }
+    }
+
+    fn touch(&mut self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
+        if self.keep {
+            self.touched.entry(p).or_default().extend(hives);
+        }
+    }
+
+    fn write_failed(&mut self, hive: HivePartition, file: &RawFileName) {
+        if self.keep {
+            self.failed_writes.insert((hive, file.clone()), Instant::now());
+        }
+    }
+
+    fn watched(&mut self, parts: &BTreeSet<i32>, window: Duration) -> BTreeMap<(HivePartition, i32), Vec<(i64, i64)>> {
+        let mut expired = Vec::new();
+        self.failed_writes.retain(|(hive, f), at| {
+            let keep = at.elapsed() < window;
+            if !keep {
+                expired.push((f.partition, hive.clone()));
+            }
+            keep
+        });
+        let mut watched: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for (hive, f) in self.failed_writes.keys().filter(|(_, f)| parts.contains(&f.partition)) {
+            watched.entry((hive.clone(), f.partition)).or_default().push((f.first_offset, f.last_offset));
+        }
+        // Their files may be merged again: listed once more, by the next pass.
+        for (p, hive) in expired {
+            self.touch(p, [hive]);
+        }
+        watched
+    }
 }
 
 impl PipelineCtx {
@@ -70,6 +117,7 @@ impl PipelineCtx {
         faults: Arc<Faults>,
         instance: String,
     ) -> Self {
+        let for_compactor = Mutex::new(CompactorNotes::new(config.compactor.enabled));
         PipelineCtx {
             validator: config.validator(),
             config,
@@ -84,8 +132,7 @@ impl PipelineCtx {
             total_buffered_records: AtomicUsize::new(0),
             abandon: AtomicBool::new(false),
             owned: Mutex::new(BTreeSet::new()),
-            touched: Mutex::new(BTreeMap::new()),
-            failed_writes: Mutex::new(HashMap::new()),
+            for_compactor,
             claims: Mutex::new(HashMap::new()),
             conditional_writes: AtomicBool::new(false),
             partitioner: Mutex::new(None),
@@ -138,24 +185,24 @@ impl PipelineCtx {
     /// Forgets `parts` without waiting for the partitioner and compactor to confirm.
     pub fn disown(&self, parts: &[i32]) {
         let mut owned = self.owned.lock().unwrap();
-        let mut touched = self.touched.lock().unwrap();
+        let mut notes = self.for_compactor.lock().unwrap();
         for p in parts {
             owned.remove(p);
-            touched.remove(p);
+            notes.touched.remove(p);
         }
     }
 
     /// The partitioner wrote (and moved the watermark past) files of Kafka partition `p` in
     /// these Hive partitions.
     pub fn touch(&self, p: i32, hives: impl IntoIterator<Item = HivePartition>) {
-        self.touched.lock().unwrap().entry(p).or_default().extend(hives);
+        self.for_compactor.lock().unwrap().touch(p, hives);
     }
 
     /// A table write of Kafka partition `p` in these Hive partitions failed: the store may
     /// still apply it later.
     pub fn table_write_failed(&self, p: i32, hive: HivePartition, file: &RawFileName) {
         debug_assert_eq!(file.partition, p);
-        self.failed_writes.lock().unwrap().insert((hive, file.clone()), Instant::now());
+        self.for_compactor.lock().unwrap().write_failed(hive, file);
     }
 
     /// Per (Hive partition, Kafka partition) of `parts`, the offset ranges of the table writes
@@ -166,31 +213,13 @@ impl PipelineCtx {
         parts: &BTreeSet<i32>,
         window: Duration,
     ) -> BTreeMap<(HivePartition, i32), Vec<(i64, i64)>> {
-        let mut failed = self.failed_writes.lock().unwrap();
-        let mut expired = Vec::new();
-        failed.retain(|(hive, f), at| {
-            let keep = at.elapsed() < window;
-            if !keep {
-                expired.push((f.partition, hive.clone()));
-            }
-            keep
-        });
-        let mut watched: BTreeMap<_, Vec<_>> = BTreeMap::new();
-        for (hive, f) in failed.keys().filter(|(_, f)| parts.contains(&f.partition)) {
-            watched.entry((hive.clone(), f.partition)).or_default().push((f.first_offset, f.last_offset));
-        }
-        drop(failed);
-        // Their files may be merged again: listed once more, by the next pass.
-        for (p, hive) in expired {
-            self.touch(p, [hive]);
-        }
-        watched
+        self.for_compactor.lock().unwrap().watched(parts, window)
     }
 
     /// The Hive partitions touched in `parts` since the last call, forgotten here.
     pub fn take_touched(&self, parts: impl IntoIterator<Item = i32>) -> BTreeSet<HivePartition> {
-        let mut touched = self.touched.lock().unwrap();
-        parts.into_iter().filter_map(|p| touched.remove(&p)).flatten().collect()
+        let mut notes = self.for_compactor.lock().unwrap();
+        parts.into_iter().filter_map(|p| notes.touched.remove(&p)).flatten().collect()
     }
 
     /// At shutdown, before the partitions are released: lets the partitioner process every
@@ -497,4 +526,42 @@ pub fn kafka_base_config(config: &Config) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hive(day: u32) -> HivePartition {
+        HivePartition { year: 2026, month: 11, day, transaction_type: "purchase".into() }
+    }
+
+    fn file(partition: i32, first_offset: i64) -> RawFileName {
+        RawFileName { topic: "transactions".into(), partition, first_offset, last_offset: first_offset + 9 }
+    }
+
+    #[test]
+    fn without_a_compactor_nothing_is_kept_for_it() {
+        let mut notes = CompactorNotes::new(false);
+        for day in 1..=28 {
+            notes.touch(0, [hive(day)]);
+            notes.write_failed(hive(day), &file(0, day as i64 * 10));
+        }
+        assert!(notes.touched.is_empty() && notes.failed_writes.is_empty());
+    }
+
+    #[test]
+    fn a_compactor_takes_what_it_is_told_and_failed_writes_expire_into_touched() {
+        let mut notes = CompactorNotes::new(true);
+        notes.touch(0, [hive(1), hive(2)]);
+        notes.touch(1, [hive(1)]);
+        notes.write_failed(hive(3), &file(0, 100));
+        let parts = BTreeSet::from([0]);
+        let watched = notes.watched(&parts, Duration::from_secs(60));
+        assert_eq!(watched, BTreeMap::from([((hive(3), 0), vec![(100, 109)])]));
+        // Past the window the write is forgotten, and its Hive partition listed once more.
+        let watched = notes.watched(&parts, Duration::ZERO);
+        assert!(watched.is_empty() && notes.failed_writes.is_empty());
+        assert_eq!(notes.touched[&0], BTreeSet::from([hive(1), hive(2), hive(3)]));
+    }
 }

@@ -53,6 +53,9 @@ impl Child {
 
 pub enum RootMsg {
     Start(Child),
+    /// A lake actor restarted after backoff has run for the restart window without failing: its
+    /// backoff ends (if it is still the run of that `generation`).
+    Steady(Child, u64),
     Shutdown(RpcReplyPort<()>),
 }
 
@@ -63,8 +66,12 @@ pub struct RootState {
     children: HashMap<ActorId, (Child, ActorCell)>,
     generation: u64,
     restarts: HashMap<Child, RestartIntensity>,
-    /// The current delay before restarting a lake actor past its restart intensity.
+    /// The current delay before restarting a lake actor past its restart intensity. It ends only
+    /// once a restart has run for `supervision.restart_window` without failing: a delay longer
+    /// than the window would otherwise bring it back within the intensity, and reset it.
     lake_backoff: HashMap<Child, Duration>,
+    /// The generation each running child was started with.
+    started: HashMap<Child, u64>,
     shutting_down: bool,
 }
 
@@ -104,6 +111,13 @@ impl RootActor {
         match spawned {
             Ok(cell) => {
                 state.children.insert(cell.get_id(), (child, cell));
+                state.started.insert(child, state.generation);
+                if state.lake_backoff.contains_key(&child) {
+                    let generation = state.generation;
+                    myself.send_after(state.ctx.config.supervision.restart_window, move || {
+                        RootMsg::Steady(child, generation)
+                    });
+                }
                 Ok(())
             }
             Err(e) => self.child_down(myself, state, child, format!("failed to start: {e}")),
@@ -137,7 +151,8 @@ impl RootActor {
         let sup = &state.ctx.config.supervision;
         let intensity = state.restarts.entry(child).or_insert_with(|| RestartIntensity::new(sup));
         let over = intensity.record();
-        if let (Err(count), Child::Partitioner | Child::Compactor) = (over, child) {
+        let backing_off = state.lake_backoff.contains_key(&child);
+        if matches!(child, Child::Partitioner | Child::Compactor) && (over.is_err() || backing_off) {
             // I10: the lake actors never take ingestion down with them. raw-data is the source of
             // truth; a lake actor that keeps failing is retried less and less often, for ever.
             let delay = *state
@@ -145,16 +160,18 @@ impl RootActor {
                 .entry(child)
                 .and_modify(|d| *d = (*d * 2).min(LAKE_MAX_BACKOFF))
                 .or_insert(LAKE_FIRST_BACKOFF);
-            tracing::error!(actor = child.label(), restarts = count, retry_in = ?delay, reason = %why,
+            tracing::error!(actor = child.label(), retry_in = ?delay, reason = %why,
                 "keeps failing; ingestion goes on, and it is restarted with backoff");
+            state.ctx.health.set_lake_failing(
+                child.label(),
+                format!("restarted in {} after: {why}", humantime::format_duration(delay)),
+            );
+            metrics::gauge!(m::LAKE_BACKOFF, "actor" => child.label()).set(delay.as_secs_f64());
             state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);
             state.ctx.stats.lake_restarts.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::ACTOR_RESTARTS, "actor" => child.label()).increment(1);
             myself.send_after(delay, move || RootMsg::Start(child));
             return Ok(());
-        }
-        if over.is_ok() {
-            state.lake_backoff.remove(&child);
         }
         if let Err(count) = over {
             tracing::error!(actor = child.label(), reason = %why, "restart intensity exceeded; stopping");
@@ -207,6 +224,7 @@ impl Actor for RootActor {
             generation: 0,
             restarts: HashMap::new(),
             lake_backoff: HashMap::new(),
+            started: HashMap::new(),
             shutting_down: false,
         };
         for child in children {
@@ -225,6 +243,14 @@ impl Actor for RootActor {
             RootMsg::Start(child) => {
                 if !state.shutting_down && !Self::running(state, child) {
                     self.start_child(&myself, state, child).await?;
+                }
+            }
+            RootMsg::Steady(child, generation) => {
+                if Self::running(state, child) && state.started.get(&child) == Some(&generation) {
+                    state.lake_backoff.remove(&child);
+                    state.ctx.health.clear_lake_failing(child.label());
+                    metrics::gauge!(m::LAKE_BACKOFF, "actor" => child.label()).set(0.0);
+                    tracing::info!(actor = child.label(), "running again without failing; its restart backoff ends");
                 }
             }
             RootMsg::Shutdown(reply) => {

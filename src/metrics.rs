@@ -38,6 +38,7 @@ pub const END_TO_END_LATENCY: &str = "trstream_end_to_end_latency_seconds";
 pub const FLUSHES: &str = "trstream_flushes_total";
 pub const FLUSH_DURATION: &str = "trstream_flush_duration_seconds";
 pub const ACTOR_RESTARTS: &str = "trstream_actor_restarts_total";
+pub const LAKE_BACKOFF: &str = "trstream_lake_actor_backoff_seconds";
 pub const BUFFERED_BYTES: &str = "trstream_buffered_bytes";
 pub const BUFFERED_RECORDS: &str = "trstream_buffered_records";
 pub const PARTITIONS_PAUSED: &str = "trstream_partitions_paused";
@@ -139,6 +140,11 @@ fn describe() {
     describe_counter!(FLUSHES, Unit::Count, "Flushes, by trigger (rows, bytes, age, drain).");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Encode + upload + commit time of one flush.");
     describe_counter!(ACTOR_RESTARTS, Unit::Count, "Actors restarted by their supervisor, by actor kind.");
+    describe_gauge!(
+        LAKE_BACKOFF,
+        Unit::Seconds,
+        "The delay before the next restart of a lake actor (partitioner, compactor) that keeps failing, 0 once it has run a restart window without failing. Ingestion goes on meanwhile; the table falls behind."
+    );
     describe_gauge!(BUFFERED_BYTES, Unit::Bytes, "Consumed-but-uncommitted bytes held in memory.");
     describe_gauge!(BUFFERED_RECORDS, Unit::Count, "Consumed-but-uncommitted records held in memory.");
     describe_gauge!(PARTITIONS_PAUSED, Unit::Count, "Partitions paused for back-pressure.");
@@ -466,6 +472,9 @@ pub struct Health {
     /// A failure no restart can mend (a fatal consumer error), set by the child that met it: its
     /// parent gives up at once with this reason instead of restarting it.
     pub fatal: Mutex<Option<String>>,
+    /// Lake actors restarted with backoff (they keep failing) and why: `/readyz` lists them
+    /// without failing (ingestion goes on), until one has run a restart window again.
+    pub lake_failing: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -475,6 +484,14 @@ impl Health {
         self.consuming.load(Ordering::Relaxed)
             && self.s3_ok.load(Ordering::Relaxed)
             && self.stopped.lock().unwrap().is_empty()
+    }
+
+    pub fn set_lake_failing(&self, actor: &'static str, why: String) {
+        self.lake_failing.lock().unwrap().insert(actor, why);
+    }
+
+    pub fn clear_lake_failing(&self, actor: &str) {
+        self.lake_failing.lock().unwrap().remove(actor);
     }
 
     pub fn set_stopped(&self, p: i32, why: String) {
@@ -542,13 +559,23 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
             let consuming = health.consuming.load(Ordering::Relaxed);
             let s3 = health.s3_ok.load(Ordering::Relaxed);
             let stopped = health.stopped.lock().unwrap().clone();
+            // Ingestion does not wait for the table (I10): a failing lake actor is named, not
+            // counted against readiness.
+            let lake: String = health
+                .lake_failing
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(actor, why)| format!("{actor} keeps failing (the table falls behind): {why}\n"))
+                .collect();
             if consuming && s3 && stopped.is_empty() {
-                text(StatusCode::OK, "ready\n".into())
+                text(StatusCode::OK, format!("ready\n{lake}"))
             } else {
                 let mut body = format!("not ready: consuming={consuming} s3_reachable={s3}\n");
                 for (p, why) in stopped {
                     body.push_str(&format!("partition {p} stopped: {why}\n"));
                 }
+                body.push_str(&lake);
                 text(StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }

@@ -203,10 +203,37 @@ impl Scenario {
     /// Waits until every partition has committed past `before` (records keep coming to all of
     /// them).
     fn await_commits(&self, what: &str, before: &BTreeMap<i32, i64>) {
-        wait_until(&format!("every partition to commit again after {what}"), Duration::from_secs(120), || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
             let now = self.committed();
-            (0..PARTITIONS).all(|p| now.get(&p).copied().unwrap_or(-1) > before.get(&p).copied().unwrap_or(-1))
-        });
+            if (0..PARTITIONS).all(|p| now.get(&p).copied().unwrap_or(-1) > before.get(&p).copied().unwrap_or(-1)) {
+                return;
+            }
+            if Instant::now() > deadline {
+                // CI keeps only what the test prints: the daemons' last warnings say why.
+                eprintln!("[{}] committed before {what}: {before:?}; now: {now:?}", self.name);
+                self.print_log_tails(40);
+                panic!("timed out after 120s waiting for every partition to commit again after {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last `n` lines at WARN or above of each daemon's log in the scenario's folder.
+    fn print_log_tails(&self, n: usize) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "log") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            eprintln!("--- {} (last {n} warnings and errors of {}):", path.display(), lines.len());
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                eprintln!("{l}");
+            }
+        }
     }
 
     /// [`Scenario::await_commits`], recording the time since `from` as the recovery from `what`.

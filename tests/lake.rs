@@ -103,6 +103,46 @@ async fn a_store_outage_at_every_partitioner_and_compactor_step_loses_and_duplic
     assert_eq!(Stats::get(&stats.lake_restarts), 0, "an outage is retried in place, no actor restarts");
 }
 
+/// A lake actor past its restart intensity is restarted after a delay that doubles while it
+/// keeps failing, even when the delay has carried its failures out of the restart window (5 s,
+/// then 10 s here: the window is 2 s); ingestion goes on and `/readyz` stays ready, naming it;
+/// once it has run a window without failing, the backoff ends and the lake settles whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lake_actor_that_keeps_failing_backs_off_longer_each_time_and_ingestion_goes_on() {
+    // One partition: each pass of the partitioner meets the armed fault once (two partitions'
+    // concurrent units would use up two of them in one failure).
+    let mut h = Harness::new(1).await;
+    let faults = Arc::new(Faults::default());
+    let mut config = h.lake_config();
+    config.supervision.max_restarts = 1;
+    config.supervision.restart_window = Duration::from_secs(2);
+    // Each restart meets the same raw file again, and fails again, three times.
+    faults.fail_at(FaultPoint::PartitionerAfterFirstOutput, 3);
+    let pipeline = trstream::start(config.clone(), faults.clone()).await.unwrap();
+    let health = pipeline.health.clone();
+    h.produce(4_000);
+    let mut seen = Vec::new();
+    wait_for("three failures, the last one backed off", DONE, || {
+        if let Some(why) = health.lake_failing.lock().unwrap().get("partitioner")
+            && seen.last() != Some(why)
+        {
+            assert!(health.ready(), "a failing lake actor does not make the daemon unready");
+            seen.push(why.clone());
+        }
+        faults.pending(FaultPoint::PartitionerAfterFirstOutput) == 0 && seen.len() >= 2
+    })
+    .await;
+    wait_for("every offset committed meanwhile", DONE, || h.all_committed(GROUP)).await;
+    assert!(seen[0].starts_with("restarted in 5s after") && seen[1].starts_with("restarted in 10s after"), "{seen:?}");
+    wait_for("the backoff to end", DONE, || health.lake_failing.lock().unwrap().is_empty()).await;
+    settle(&h).await;
+    assert_clean(&h, &h.audit(&config).await);
+    let stats = pipeline.stats.clone();
+    pipeline.shutdown().await;
+    assert_eq!(Stats::get(&stats.lake_restarts), 3, "each failure restarted the partitioner once");
+    h.assert_exactly_once(GROUP, false);
+}
+
 /// DuckDB's counts by day and type, read with `hive_partitioning = true`.
 fn duckdb_counts(table: &std::path::Path) -> BTreeMap<String, BTreeMap<String, u64>> {
     let glob = table.join("year=*").join("**").join("*.parquet");
@@ -788,8 +828,9 @@ async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged
 /// truncated by the store) is quarantined by the recovery instead of adopted. Adopted, its
 /// offsets would have been committed with its rows nowhere readable; quarantined, its records are
 /// read again from the log and written anew: the audit is clean and lists the file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
+/// What a crash between an upload and its commit leaves, damaged as `damage` says (given a
+/// good raw file of the same partition): a file past the commit that must not be adopted.
+async fn an_uncommitted_raw_file_that_does_not_decode_is_quarantined(damage: fn(&[u8]) -> Vec<u8>) {
     let mut h = Harness::new(1).await;
     let config = h.lake_config();
     let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
@@ -797,8 +838,8 @@ async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
     settle(&h).await;
     pipeline.shutdown().await;
     let committed = h.committed(GROUP)[&0];
+    let good = std::fs::read(&h.raw_files().last().expect("a raw file").1).unwrap();
     h.produce(1_000);
-    // What a crash between an upload and its commit leaves, truncated: a file past the commit.
     let name = RawFileName {
         topic: common::TOPIC.into(),
         partition: 0,
@@ -807,7 +848,7 @@ async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
     };
     let key = name.key(&config.s3.raw_prefix);
     let path = h.dir.path().join("raw-data").join(&key);
-    std::fs::write(&path, b"PAR1 the first bytes of a file whose upload was cut").unwrap();
+    std::fs::write(&path, damage(&good)).unwrap();
 
     let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
     settle(&h).await;
@@ -822,4 +863,26 @@ async fn an_unreadable_uncommitted_raw_file_is_quarantined_not_adopted() {
         !path.exists() || h.raw_files().iter().any(|(n, _)| n.first_offset == committed),
         "written anew from the log"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_uncommitted_raw_file_is_quarantined_not_adopted() {
+    an_uncommitted_raw_file_that_does_not_decode_is_quarantined(|_| {
+        b"PAR1 the first bytes of a file whose upload was cut".to_vec()
+    })
+    .await;
+}
+
+/// Its footer reads (so its topic id and dead-letter list do), its pages do not: adopting it would
+/// commit offsets whose rows never reach the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncommitted_raw_file_with_a_good_footer_and_bad_pages_is_quarantined_not_adopted() {
+    an_uncommitted_raw_file_that_does_not_decode_is_quarantined(|good| {
+        let footer = u32::from_le_bytes(good[good.len() - 8..good.len() - 4].try_into().unwrap()) as usize;
+        let pages = 4..good.len() - 8 - footer;
+        let mut bad = good.to_vec();
+        bad[pages].fill(0xA5);
+        bad
+    })
+    .await;
 }

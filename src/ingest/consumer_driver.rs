@@ -30,7 +30,7 @@ use crate::faults::Kind;
 use crate::ingest::partition_worker::{PartitionWorker, PartitionWorkerArgs, PartitionWorkerMsg, RecordChunk, Redo};
 use crate::ingest::txn::FlushTxn;
 use crate::ingest::{Consumer, dlq, incarnation};
-use crate::lake::{FenceError, RawFileName};
+use crate::lake::{FenceError, RawFileName, quarantine};
 use crate::metrics as m;
 
 /// Records routed per poll round before the batches are handed to workers.
@@ -449,6 +449,13 @@ async fn recovery(
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
             format!("recovery scan of partition {p}: {e}")
         })?;
+    // A raw file past the commit is adopted: its offsets are committed on the promise that its
+    // rows reach the table. One that does not decode, in its footer or in any page, never is: it
+    // is moved aside (I10) and the recovery runs again without it, so its records are read again
+    // from the log and written anew.
+    if let Some((f, _)) = latest.as_ref().filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c)) {
+        quarantine_if_undecodable(&ctx, &f.key(&cfg.s3.raw_prefix), p).await?;
+    }
     // The lake's offsets and the group's must be of this log (issue 11, part 3).
     let recorded_id = match &latest {
         Some((f, size)) => {
@@ -460,34 +467,7 @@ async fn recovery(
                     return Err(format!("reading the topic id of {key}: {e}").into());
                 }
                 Err(e) => {
-                    // A raw file past the commit that does not decode is never adopted: its
-                    // offsets would be committed without its rows ever reaching the table. It is
-                    // moved aside (I10) and the recovery runs again without it, so its records
-                    // are read again from the log and written anew.
-                    if let Some(body) = ctx.store.get_opt(&key).await.map_err(|e| format!("reading {key}: {e}"))? {
-                        let check = body.clone();
-                        let decodes = tokio::task::spawn_blocking(move || crate::lake::parquet::decode_raw(check, p))
-                            .await
-                            .map_err(|e| format!("decoder task failed: {e}"))?;
-                        if let Err(why) = decodes {
-                            let why = format!("uploaded, not committed, and not readable: {why}");
-                            crate::lake::quarantine::quarantine(
-                                &ctx,
-                                &ctx.store,
-                                &key,
-                                body,
-                                crate::lake::quarantine::Kind::Raw,
-                                &why,
-                            )
-                            .await
-                            .map_err(|e| format!("quarantining {key}: {e}"))?;
-                            return Err(format!(
-                                "quarantined the unreadable raw file {key}; scanning partition {p} again"
-                            )
-                            .into());
-                        }
-                    }
-                    // Readable, its topic id entry aside: the log-end check still applies.
+                    // Committed (an uncommitted one decoded above): the partitioner's to judge.
                     tracing::warn!(partition = p, file = %key, error = %e, "cannot read the topic id a raw file records");
                     None
                 }
@@ -531,6 +511,35 @@ async fn recovery(
         .map_err(|e| RecoveryFailure::Failed(format!("spawning the worker of partition {p}: {e}")))?;
     tracing::info!(partition = p, start_offset = ?start, ?committed, "partition ready");
     Ok(Recovered { start, worker, budget })
+}
+
+/// Reads the raw file `key` whole and decodes it; one that does not decode is quarantined and
+/// the recovery fails (to run again without it). A file gone meanwhile is left to the next scan.
+async fn quarantine_if_undecodable(ctx: &Arc<PipelineCtx>, key: &str, p: i32) -> Result<(), RecoveryFailure> {
+    let body = ctx.store.get_opt(key).await.map_err(|e| {
+        ctx.health.s3_ok.store(false, Ordering::Relaxed);
+        format!("reading {key}: {e}")
+    })?;
+    let Some(body) = body else { return Ok(()) };
+    let check = body.clone();
+    let decodes = tokio::task::spawn_blocking(move || crate::lake::parquet::decode_raw(check, p))
+        .await
+        .map_err(|e| format!("decoder task failed: {e}"))?;
+    let Err(first) = decodes else { return Ok(()) };
+    let decode = move |b| crate::lake::parquet::decode_raw(b, p).map(drop).map_err(|e| e.to_string());
+    let (body, why) = match quarantine::read_again(&ctx.store, key, &first.to_string(), decode).await {
+        Ok(quarantine::Reread::Poison { body, why }) => (body, why),
+        Ok(quarantine::Reread::Decodes(()) | quarantine::Reread::Gone) => return Ok(()),
+        Err(e) => {
+            ctx.health.s3_ok.store(false, Ordering::Relaxed);
+            return Err(format!("reading {key} again: {e}").into());
+        }
+    };
+    let why = format!("uploaded, not committed, and not readable: {why}");
+    quarantine::quarantine(ctx, &ctx.store, key, body, quarantine::Kind::Raw, &why)
+        .await
+        .map_err(|e| format!("quarantining {key}: {e}"))?;
+    Err(format!("quarantined the unreadable raw file {key}; scanning partition {p} again").into())
 }
 
 /// The dead letters an adopted file's footer lists ([`crate::ingest::dlq::META_DEAD_LETTERS`]);

@@ -68,6 +68,38 @@ pub fn note_key(key: &str) -> String {
     format!("{PREFIX}{key}{NOTE_SUFFIX}")
 }
 
+/// An object read again after it did not decode.
+pub enum Reread<T> {
+    /// It decodes now: the first transfer went wrong, not the object.
+    Decodes(T),
+    /// It fails again: poison, with the bytes of the second reading and why.
+    Poison { body: bytes::Bytes, why: String },
+    /// It is gone (another writer moved or replaced it meanwhile).
+    Gone,
+}
+
+/// The second reading of `key`, which did not decode (`first`, why): an object is quarantined
+/// only when it fails twice, so that a transfer cut on its way is never taken for a bad object.
+/// `decode` runs off the async threads. Every reader of lake objects that quarantines (the
+/// partitioner, the compactor, the recovery) comes through here.
+pub async fn read_again<T: Send + 'static>(
+    store: &LakeStore,
+    key: &str,
+    first: &str,
+    decode: impl FnOnce(bytes::Bytes) -> Result<T, String> + Send + 'static,
+) -> Result<Reread<T>, StoreError> {
+    tracing::warn!(bucket = store.bucket(), key, error = first, "an object does not decode; reading it again");
+    let Some(body) = store.get_opt(key).await? else { return Ok(Reread::Gone) };
+    let again = body.clone();
+    let decoded = tokio::task::spawn_blocking(move || decode(again))
+        .await
+        .unwrap_or_else(|e| Err(format!("the decoder task failed: {e}")));
+    Ok(match decoded {
+        Ok(t) => Reread::Decodes(t),
+        Err(why) => Reread::Poison { body, why },
+    })
+}
+
 /// Moves `key` (whose bytes are `body`) of `store` aside with `reason`. The caller has checked
 /// its fence: this deletes the original.
 pub async fn quarantine(

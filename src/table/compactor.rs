@@ -719,17 +719,14 @@ impl CompactorState {
         why: String,
     ) -> Result<(), WorkError> {
         let p = name.partition;
-        tracing::warn!(partition = p, key, error = %why, "a table file does not decode; reading it again");
-        let Some(again) = self.ctx.table.get_opt(key).await? else { return Ok(()) };
-        let ok = tokio::task::spawn_blocking({
-            let again = again.clone();
-            move || parquet::decode(again).is_ok()
+        let again = match quarantine::read_again(&self.ctx.table, key, &why, |b| {
+            parquet::decode(b).map(drop).map_err(|e| e.to_string())
         })
-        .await
-        .map_err(|e| WorkError::Other(format!("compactor task failed: {e}")))?;
-        if ok {
-            return Ok(());
-        }
+        .await?
+        {
+            quarantine::Reread::Decodes(()) | quarantine::Reread::Gone => return Ok(()),
+            quarantine::Reread::Poison { body, .. } => body,
+        };
         self.ctx.check_fence(p).await?;
         let body = if again.is_empty() { body } else { again };
         // Copied aside first; the rebuild then writes over the same key, so the rows are never

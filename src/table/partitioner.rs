@@ -574,13 +574,16 @@ pub(crate) async fn decode_raw(
     };
     let first = match decode(body).await? {
         Ok(batch) => return Ok(Some(batch)),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
-    tracing::warn!(partition = p, key, error = %first, "a raw file does not decode; reading it again");
-    let Some(again) = ctx.store.get_opt(key).await? else { return Ok(None) };
-    let why = match decode(again.clone()).await? {
-        Ok(batch) => return Ok(Some(batch)),
-        Err(e) => e,
+    let (again, why) = match quarantine::read_again(&ctx.store, key, &first, move |b| {
+        parquet::decode_raw(b, p).map_err(|e| e.to_string())
+    })
+    .await?
+    {
+        quarantine::Reread::Decodes(batch) => return Ok(Some(batch)),
+        quarantine::Reread::Gone => return Ok(None),
+        quarantine::Reread::Poison { body, why } => (body, why),
     };
     // Only a file the partition's commit has passed: one uploaded and not committed yet may be
     // about to be adopted by a recovery (its offsets then committed without being read again),
@@ -594,7 +597,7 @@ pub(crate) async fn decode_raw(
         }));
     }
     ctx.check_fence(p).await?;
-    quarantine::quarantine(ctx, &ctx.store, key, again, quarantine::Kind::Raw, &why.to_string()).await?;
+    quarantine::quarantine(ctx, &ctx.store, key, again, quarantine::Kind::Raw, &why).await?;
     Ok(None)
 }
 
