@@ -259,6 +259,7 @@ impl AuditReport {
 }
 
 /// One Kafka partition's flags, indexed by offset.
+#[derive(Clone)]
 struct PartitionBook {
     log_start: i64,
     log_end: i64,
@@ -685,6 +686,7 @@ async fn read_files(
     table: bool,
     progress: bool,
     unreadable: &mut Vec<(String, String)>,
+    vanished: &mut Vec<String>,
     mut each: impl FnMut(&str, FileRows),
 ) -> Result<(), AuditError> {
     let total = keys.len();
@@ -696,21 +698,23 @@ async fn read_files(
             let Some(key) = pending.next() else { break };
             let store = store.clone();
             set.spawn(async move {
-                let body = store.get(&key).await?;
+                // Gone since the listing: a running daemon's compaction replaced it.
+                let Some(body) = store.get_opt(&key).await? else { return Ok((key, None)) };
                 let k = key.clone();
                 let rows = tokio::task::spawn_blocking(move || file_rows(&k, body, table))
                     .await
                     .map_err(|e| AuditError::File { key: key.clone(), detail: e.to_string() })?;
-                Ok::<_, AuditError>((key, rows))
+                Ok::<_, AuditError>((key, Some(rows)))
             });
         }
         let Some(res) = set.join_next().await else { break };
         let (key, rows) = res.map_err(|e| AuditError::File { key: "?".into(), detail: e.to_string() })??;
         match rows {
-            Ok(rows) => each(&key, rows),
+            None => vanished.push(key),
+            Some(Ok(rows)) => each(&key, rows),
             // Reported, and the audit goes on: one bad file must not hide the rest.
-            Err(AuditError::File { key, detail }) => unreadable.push((key, detail)),
-            Err(e) => return Err(e),
+            Some(Err(AuditError::File { key, detail })) => unreadable.push((key, detail)),
+            Some(Err(e)) => return Err(e),
         }
         done += 1;
         if progress && last_progress.elapsed() >= Duration::from_secs(1) {
@@ -719,6 +723,85 @@ async fn read_files(
         }
     }
     Ok(())
+}
+
+/// How many times the audit reads the lake when files vanish under it.
+const LAKE_READS: u32 = 5;
+
+/// What one reading of the table (and raw-data) found.
+struct LakeRead {
+    books: BTreeMap<i32, PartitionBook>,
+    table_files: u64,
+    table_rows: u64,
+    by_day: BTreeMap<String, BTreeMap<String, u64>>,
+    unknown_partition: u64,
+    unreadable: Vec<(String, String)>,
+    /// Listed, then gone before they were read.
+    vanished: Vec<String>,
+}
+
+/// Reads the table (and raw-data with `opts.raw`) into `books`.
+async fn read_lake(
+    config: &Config,
+    opts: &AuditOptions,
+    bounds: &[(i32, i64, i64)],
+    mut books: BTreeMap<i32, PartitionBook>,
+    file_prefix: &str,
+    lake_topic: &str,
+) -> Result<LakeRead, AuditError> {
+    // The table.
+    let table = LakeStore::new(&config.s3, &config.s3.table_bucket);
+    let keys: Vec<String> = table
+        .list_keys("year=", None)
+        .await?
+        .into_iter()
+        // Every Parquet file of the topic, named as the daemon names them or not: a file the
+        // daemon's own key parsing would skip is read all the same.
+        .filter(|k| k.ends_with(".parquet") && k.rsplit('/').next().is_some_and(|n| n.starts_with(file_prefix)))
+        .collect();
+    let table_files = keys.len() as u64;
+    let mut table_rows = 0u64;
+    let mut by_day: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut unknown_partition = 0u64;
+    let (mut unreadable, mut vanished) = (Vec::new(), Vec::new());
+    read_files(&table, keys, true, opts.progress, &mut unreadable, &mut vanished, |_, file| {
+        for ((day, t), n) in file.by_day_and_type {
+            *by_day.entry(day).or_default().entry(t).or_default() += n;
+        }
+        table_rows += file.rows.len() as u64;
+        for row in &file.rows {
+            match books.get_mut(&row.partition) {
+                Some(b) => b.found(row, LAKE_SHIFT),
+                None => unknown_partition += 1,
+            }
+        }
+    })
+    .await?;
+
+    // Optionally raw-data.
+    if opts.raw {
+        let raw = LakeStore::new(&config.s3, &config.s3.raw_bucket);
+        let mut keys = Vec::new();
+        for &(p, _, _) in bounds {
+            let prefix = keys::partition_prefix(&config.s3.raw_prefix, p);
+            keys.extend(
+                raw.list_keys(&prefix, None)
+                    .await?
+                    .into_iter()
+                    .filter(|k| RawFileName::parse(k).is_some_and(|n| n.topic == *lake_topic)),
+            );
+        }
+        read_files(&raw, keys, false, opts.progress, &mut unreadable, &mut vanished, |_, file| {
+            for row in &file.rows {
+                if let Some(b) = books.get_mut(&row.partition) {
+                    b.found(row, RAW_SHIFT);
+                }
+            }
+        })
+        .await?;
+    }
+
+    Ok(LakeRead { books, table_files, table_rows, by_day, unknown_partition, unreadable, vanished })
 }
 
 /// Runs the audit against the Kafka cluster and the lake of `config`.
@@ -732,7 +815,7 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
     let (cfg, o) = (config.clone(), opts.clone());
 
     // 1. The source topic and the DLQ, on a blocking thread (librdkafka polls block).
-    let (mut books, bounds) = tokio::task::spawn_blocking(move || -> Result<_, AuditError> {
+    let (books, bounds) = tokio::task::spawn_blocking(move || -> Result<_, AuditError> {
         let c = consumer(&cfg)?;
         let bounds = log_bounds(&c, &cfg.kafka.topic, cfg.kafka.request_timeout)?;
         let mut books: BTreeMap<i32, PartitionBook> =
@@ -768,57 +851,33 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
     .await
     .map_err(|e| AuditError::Kafka(format!("reader thread failed: {e}")))??;
 
-    // 2. The table.
-    let table = LakeStore::new(&config.s3, &config.s3.table_bucket);
-    let keys: Vec<String> = table
-        .list_keys("year=", None)
-        .await?
-        .into_iter()
-        // Every Parquet file of the topic, named as the daemon names them or not: a file the
-        // daemon's own key parsing would skip is read all the same.
-        .filter(|k| k.ends_with(".parquet") && k.rsplit('/').next().is_some_and(|n| n.starts_with(&file_prefix)))
-        .collect();
-    let table_files = keys.len() as u64;
-    let mut table_rows = 0u64;
-    let mut by_day: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    let mut unknown_partition = 0u64;
-    let mut unreadable = Vec::new();
-    read_files(&table, keys, true, opts.progress, &mut unreadable, |_, file| {
-        for ((day, t), n) in file.by_day_and_type {
-            *by_day.entry(day).or_default().entry(t).or_default() += n;
+    // 2. and 3. The table and raw-data, read again whole when a file listed was gone by the time
+    // it was read (a running daemon's compaction replaced it): counted from one listing, its
+    // replacement would be missed.
+    let mut attempt = 1;
+    let lake = loop {
+        let read = read_lake(config, opts, &bounds, books.clone(), &file_prefix, &lake_topic).await?;
+        if read.vanished.is_empty() {
+            break read;
         }
-        table_rows += file.rows.len() as u64;
-        for row in &file.rows {
-            match books.get_mut(&row.partition) {
-                Some(b) => b.found(row, LAKE_SHIFT),
-                None => unknown_partition += 1,
-            }
+        if attempt == LAKE_READS {
+            return Err(AuditError::File {
+                key: read.vanished[0].clone(),
+                detail: format!(
+                    "the lake kept changing while it was read ({LAKE_READS} tries, {} files gone since their listing in the last): audit a settled lake, or stop the daemon",
+                    read.vanished.len()
+                ),
+            });
         }
-    })
-    .await?;
-
-    // 3. Optionally raw-data.
-    if opts.raw {
-        let raw = LakeStore::new(&config.s3, &config.s3.raw_bucket);
-        let mut keys = Vec::new();
-        for &(p, _, _) in &bounds {
-            let prefix = keys::partition_prefix(&config.s3.raw_prefix, p);
-            keys.extend(
-                raw.list_keys(&prefix, None)
-                    .await?
-                    .into_iter()
-                    .filter(|k| RawFileName::parse(k).is_some_and(|n| n.topic == lake_topic)),
+        if opts.progress {
+            eprintln!(
+                "audit: {} files were replaced while they were read (a running compaction); reading the lake again",
+                read.vanished.len()
             );
         }
-        read_files(&raw, keys, false, opts.progress, &mut unreadable, |_, file| {
-            for row in &file.rows {
-                if let Some(b) = books.get_mut(&row.partition) {
-                    b.found(row, RAW_SHIFT);
-                }
-            }
-        })
-        .await?;
-    }
+        attempt += 1;
+    };
+    let LakeRead { books, table_files, table_rows, by_day, unknown_partition, unreadable, .. } = lake;
 
     let mut quarantined = Vec::new();
     for bucket in [&config.s3.raw_bucket, &config.s3.table_bucket] {
@@ -872,6 +931,27 @@ pub async fn audit(config: &Config, opts: &AuditOptions) -> Result<AuditReport, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file listed and then gone (a running daemon's compaction replaced it) is told apart
+    /// from an unreadable one: the audit reads the lake again instead of failing or counting it.
+    #[tokio::test]
+    async fn a_file_gone_since_its_listing_is_reported_as_vanished_not_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = crate::embedded::EmbeddedS3::start(dir.path(), 0, &["tb"]).await.unwrap();
+        let mut config = Config::default();
+        s3.configure(&mut config.s3);
+        let store = LakeStore::new(&config.s3, "tb");
+        store
+            .put("year=2026/bad.parquet", bytes::Bytes::from_static(b"not parquet"), "application/octet-stream")
+            .await
+            .unwrap();
+        let keys = vec!["year=2026/gone.parquet".to_string(), "year=2026/bad.parquet".to_string()];
+        let (mut unreadable, mut vanished, mut read) = (Vec::new(), Vec::new(), 0);
+        read_files(&store, keys, true, false, &mut unreadable, &mut vanished, |_, _| read += 1).await.unwrap();
+        assert_eq!(vanished, ["year=2026/gone.parquet"]);
+        assert_eq!(unreadable.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["year=2026/bad.parquet"]);
+        assert_eq!(read, 0);
+    }
 
     fn row(offset: i64, id_hash: u32) -> LakeRow {
         LakeRow { partition: 0, offset, id_hash, content: 7, in_its_folder: true }
