@@ -76,8 +76,8 @@ pub struct RootState {
 }
 
 /// A lake actor past `supervision.max_restarts` within `supervision.restart_window` is restarted
-/// after this, doubling up to [`LAKE_MAX_BACKOFF`], until one of its restarts is within the
-/// intensity again.
+/// after this, doubling up to [`LAKE_MAX_BACKOFF`], until a restart has run a whole window
+/// without failing.
 const LAKE_FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const LAKE_MAX_BACKOFF: Duration = Duration::from_secs(300);
 

@@ -449,13 +449,6 @@ async fn recovery(
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
             format!("recovery scan of partition {p}: {e}")
         })?;
-    // A raw file past the commit is adopted: its offsets are committed on the promise that its
-    // rows reach the table. One that does not decode, in its footer or in any page, never is: it
-    // is moved aside (I10) and the recovery runs again without it, so its records are read again
-    // from the log and written anew.
-    if let Some((f, _)) = latest.as_ref().filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c)) {
-        quarantine_if_undecodable(&ctx, &f.key(&cfg.s3.raw_prefix), p).await?;
-    }
     // The lake's offsets and the group's must be of this log (issue 11, part 3).
     let recorded_id = match &latest {
         Some((f, size)) => {
@@ -467,7 +460,8 @@ async fn recovery(
                     return Err(format!("reading the topic id of {key}: {e}").into());
                 }
                 Err(e) => {
-                    // Committed (an uncommitted one decoded above): the partitioner's to judge.
+                    // Unreadable: the decode below (of a file to adopt) or the partitioner (of a
+                    // committed one) judges it; the log-end check still applies.
                     tracing::warn!(partition = p, file = %key, error = %e, "cannot read the topic id a raw file records");
                     None
                 }
@@ -478,6 +472,13 @@ async fn recovery(
     ctx.health.s3_ok.store(true, Ordering::Relaxed);
     incarnation::check(&cfg.kafka.topic, p, now, committed, latest.as_ref().map(|(f, _)| (f, recorded_id)))
         .map_err(|e| RecoveryFailure::Stopped(e.0))?;
+    // A raw file past the commit is adopted: its offsets are committed on the promise that its
+    // rows reach the table. One that does not decode, in its footer or in any page, never is: it
+    // is moved aside (I10) and the recovery runs again without it, so its records are read again
+    // from the log and written anew. (After the log check: a lake of another log is not touched.)
+    if let Some((f, _)) = latest.as_ref().filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c)) {
+        quarantine_if_undecodable(&ctx, &f.key(&cfg.s3.raw_prefix), p).await?;
+    }
     ctx.faults.recovery_gate(p).await;
     // Files whose last offset is at or past the commit were uploaded but not committed: adopt.
     let adopted = latest.filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c));
@@ -513,28 +514,44 @@ async fn recovery(
     Ok(Recovered { start, worker, budget })
 }
 
-/// Reads the raw file `key` whole and decodes it; one that does not decode is quarantined and
-/// the recovery fails (to run again without it). A file gone meanwhile is left to the next scan.
+/// Reads the raw file `key` whole and decodes it; one that does not decode (twice) is
+/// quarantined and the recovery fails, to run again without it. A file gone meanwhile fails the
+/// recovery too: the scan that listed it is stale (another instance may have moved it aside), and
+/// adopting what is not there would commit offsets whose rows exist nowhere.
 async fn quarantine_if_undecodable(ctx: &Arc<PipelineCtx>, key: &str, p: i32) -> Result<(), RecoveryFailure> {
+    let gone = || {
+        RecoveryFailure::Failed(format!("raw file {key} vanished during the recovery of partition {p}; scanning again"))
+    };
     let body = ctx.store.get_opt(key).await.map_err(|e| {
         ctx.health.s3_ok.store(false, Ordering::Relaxed);
         format!("reading {key}: {e}")
     })?;
-    let Some(body) = body else { return Ok(()) };
+    let Some(body) = body else { return Err(gone()) };
     let check = body.clone();
-    let decodes = tokio::task::spawn_blocking(move || crate::lake::parquet::decode_raw(check, p))
-        .await
-        .map_err(|e| format!("decoder task failed: {e}"))?;
-    let Err(first) = decodes else { return Ok(()) };
+    // A decoder that panics on a bad file counts as a file that does not decode.
+    let first = match tokio::task::spawn_blocking(move || crate::lake::parquet::decode_raw(check, p)).await {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("the decoder failed: {e}"),
+    };
     let decode = move |b| crate::lake::parquet::decode_raw(b, p).map(drop).map_err(|e| e.to_string());
-    let (body, why) = match quarantine::read_again(&ctx.store, key, &first.to_string(), decode).await {
+    let (body, why) = match quarantine::read_again(&ctx.store, key, &first, decode).await {
         Ok(quarantine::Reread::Poison { body, why }) => (body, why),
-        Ok(quarantine::Reread::Decodes(()) | quarantine::Reread::Gone) => return Ok(()),
+        Ok(quarantine::Reread::Decodes(())) => return Ok(()),
+        Ok(quarantine::Reread::Gone) => return Err(gone()),
         Err(e) => {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
             return Err(format!("reading {key} again: {e}").into());
         }
     };
+    // The fence again (I9): the reads took a while, and a new owner may have adopted the file.
+    match ctx.check_fence(p).await {
+        Ok(()) => {}
+        Err(e @ (FenceError::Fenced(_) | FenceError::Unclaimed(_))) => {
+            return Err(RecoveryFailure::Fenced(format!("recovery of partition {p}: {e}")));
+        }
+        Err(FenceError::Store(e)) => return Err(format!("fence check of partition {p}: {e}").into()),
+    }
     let why = format!("uploaded, not committed, and not readable: {why}");
     quarantine::quarantine(ctx, &ctx.store, key, body, quarantine::Kind::Raw, &why)
         .await

@@ -719,13 +719,13 @@ impl CompactorState {
         why: String,
     ) -> Result<(), WorkError> {
         let p = name.partition;
-        let again = match quarantine::read_again(&self.ctx.table, key, &why, |b| {
+        let (again, why) = match quarantine::read_again(&self.ctx.table, key, &why, |b| {
             parquet::decode(b).map(drop).map_err(|e| e.to_string())
         })
         .await?
         {
             quarantine::Reread::Decodes(()) | quarantine::Reread::Gone => return Ok(()),
-            quarantine::Reread::Poison { body, .. } => body,
+            quarantine::Reread::Poison { body, why } => (body, why),
         };
         self.ctx.check_fence(p).await?;
         let body = if again.is_empty() { body } else { again };

@@ -460,7 +460,8 @@ async fn partition_file(
     let name = &slice.file;
     let raw_key = name.key(&ctx.config.s3.raw_prefix);
     let Some(body) = ctx.store.get_opt(&raw_key).await? else {
-        // Listed or handed over, now gone: only raw retention outside trstream does that.
+        // Listed or handed over, now gone: raw retention outside trstream, or a recovery that
+        // quarantined it (an uncommitted file that did not decode).
         tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
         return Ok(None);
     };
@@ -567,14 +568,12 @@ pub(crate) async fn decode_raw(
     key: &str,
     body: bytes::Bytes,
 ) -> Result<Option<arrow_array::RecordBatch>, WorkError> {
-    let decode = |body: bytes::Bytes| async move {
-        tokio::task::spawn_blocking(move || parquet::decode_raw(body, p))
-            .await
-            .map_err(|e| WorkError::Other(format!("decoder task failed: {e}")))
-    };
-    let first = match decode(body).await? {
-        Ok(batch) => return Ok(Some(batch)),
-        Err(e) => e.to_string(),
+    // A decoder that panics on a bad file counts as a file that does not decode (else the
+    // partitioner would fail on it at every restart).
+    let first = match tokio::task::spawn_blocking(move || parquet::decode_raw(body, p)).await {
+        Ok(Ok(batch)) => return Ok(Some(batch)),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("the decoder failed: {e}"),
     };
     let (again, why) = match quarantine::read_again(&ctx.store, key, &first, move |b| {
         parquet::decode_raw(b, p).map_err(|e| e.to_string())

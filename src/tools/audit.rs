@@ -937,10 +937,10 @@ mod tests {
     #[tokio::test]
     async fn a_file_gone_since_its_listing_is_reported_as_vanished_not_unreadable() {
         let dir = tempfile::tempdir().unwrap();
-        let s3 = crate::embedded::EmbeddedS3::start(dir.path(), 0, &["tb"]).await.unwrap();
+        let s3 = crate::embedded::EmbeddedS3::start(dir.path(), 0, &["tb-audit"]).await.unwrap();
         let mut config = Config::default();
         s3.configure(&mut config.s3);
-        let store = LakeStore::new(&config.s3, "tb");
+        let store = LakeStore::new(&config.s3, "tb-audit");
         store
             .put("year=2026/bad.parquet", bytes::Bytes::from_static(b"not parquet"), "application/octet-stream")
             .await
