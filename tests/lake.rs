@@ -824,10 +824,6 @@ async fn poison_in_the_lake_is_quarantined_and_another_versions_schema_is_merged
     assert_eq!(with_tier, expected_tier, "every row of the newer files keeps its loyalty_tier");
 }
 
-/// Issue 12 (I10, review): an unreadable raw file past the commit (uploaded, never committed,
-/// truncated by the store) is quarantined by the recovery instead of adopted. Adopted, its
-/// offsets would have been committed with its rows nowhere readable; quarantined, its records are
-/// read again from the log and written anew: the audit is clean and lists the file.
 /// What a crash between an upload and its commit leaves, damaged as `damage` says (given a
 /// good raw file of the same partition): a file past the commit that must not be adopted.
 async fn an_uncommitted_raw_file_that_does_not_decode_is_quarantined(damage: fn(&[u8]) -> Vec<u8>) {

@@ -476,12 +476,12 @@ async fn recovery(
     // rows reach the table. One that does not decode, in its footer or in any page, never is: it
     // is moved aside (I10) and the recovery runs again without it, so its records are read again
     // from the log and written anew. (After the log check: a lake of another log is not touched.)
-    if let Some((f, _)) = latest.as_ref().filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c)) {
+    // Files whose last offset is at or past the commit were uploaded but not committed: adopt.
+    let adopted = latest.filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c));
+    if let Some((f, _)) = &adopted {
         quarantine_if_undecodable(&ctx, &f.key(&cfg.s3.raw_prefix), p).await?;
     }
     ctx.faults.recovery_gate(p).await;
-    // Files whose last offset is at or past the commit were uploaded but not committed: adopt.
-    let adopted = latest.filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c));
     // An adopted file that lists its dead letters had them in a transaction that never committed:
     // they are sent again, its offsets read again from the commit (or the file's first offset).
     let redo = match &adopted {
@@ -527,17 +527,10 @@ async fn quarantine_if_undecodable(ctx: &Arc<PipelineCtx>, key: &str, p: i32) ->
         format!("reading {key}: {e}")
     })?;
     let Some(body) = body else { return Err(gone()) };
-    let check = body.clone();
-    // A decoder that panics on a bad file counts as a file that does not decode.
-    let first = match tokio::task::spawn_blocking(move || crate::lake::parquet::decode_raw(check, p)).await {
-        Ok(Ok(_)) => return Ok(()),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => format!("the decoder failed: {e}"),
-    };
     let decode = move |b| crate::lake::parquet::decode_raw(b, p).map(drop).map_err(|e| e.to_string());
-    let (body, why) = match quarantine::read_again(&ctx.store, key, &first, decode).await {
-        Ok(quarantine::Reread::Poison { body, why }) => (body, why),
+    let (body, why) = match quarantine::decode_twice(&ctx.store, key, body, decode).await {
         Ok(quarantine::Reread::Decodes(())) => return Ok(()),
+        Ok(quarantine::Reread::Poison { body, why }) => (body, why),
         Ok(quarantine::Reread::Gone) => return Err(gone()),
         Err(e) => {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);

@@ -68,9 +68,9 @@ pub fn note_key(key: &str) -> String {
     format!("{PREFIX}{key}{NOTE_SUFFIX}")
 }
 
-/// An object read again after it did not decode.
+/// What decoding an object (and reading it again when that failed) found.
 pub enum Reread<T> {
-    /// It decodes now: the first transfer went wrong, not the object.
+    /// It decodes (at the first reading, or at the second: that transfer went wrong).
     Decodes(T),
     /// It fails again: poison, with the bytes of the second reading and why.
     Poison { body: bytes::Bytes, why: String },
@@ -78,10 +78,24 @@ pub enum Reread<T> {
     Gone,
 }
 
-/// The second reading of `key`, which did not decode (`first`, why): an object is quarantined
-/// only when it fails twice, so that a transfer cut on its way is never taken for a bad object.
-/// `decode` runs off the async threads. Every reader of lake objects that quarantines (the
-/// partitioner, the compactor, the recovery) comes through here.
+/// `body`, the object `key` as read, decoded; when that fails, the object read once more and
+/// decoded again: an object is poison only when it fails twice, so that a transfer cut on its
+/// way is never taken for a bad object. The partitioner (raw files) and the recovery (a raw file
+/// to adopt) come through here; the compactor, whose first decode is part of a merge, through
+/// [`read_again`].
+pub async fn decode_twice<T: Send + 'static>(
+    store: &LakeStore,
+    key: &str,
+    body: bytes::Bytes,
+    decode: impl Fn(bytes::Bytes) -> Result<T, String> + Clone + Send + 'static,
+) -> Result<Reread<T>, StoreError> {
+    match off_thread(body, decode.clone()).await {
+        Ok(t) => Ok(Reread::Decodes(t)),
+        Err(first) => read_again(store, key, &first, decode).await,
+    }
+}
+
+/// The second reading of `key`, which did not decode (`first`, why); see [`decode_twice`].
 pub async fn read_again<T: Send + 'static>(
     store: &LakeStore,
     key: &str,
@@ -90,14 +104,19 @@ pub async fn read_again<T: Send + 'static>(
 ) -> Result<Reread<T>, StoreError> {
     tracing::warn!(bucket = store.bucket(), key, error = first, "an object does not decode; reading it again");
     let Some(body) = store.get_opt(key).await? else { return Ok(Reread::Gone) };
-    let again = body.clone();
-    let decoded = tokio::task::spawn_blocking(move || decode(again))
-        .await
-        .unwrap_or_else(|e| Err(format!("the decoder task failed: {e}")));
-    Ok(match decoded {
+    Ok(match off_thread(body.clone(), decode).await {
         Ok(t) => Reread::Decodes(t),
         Err(why) => Reread::Poison { body, why },
     })
+}
+
+/// `decode(body)` off the async threads; a decoder that panics (on a bad file) counts as one that
+/// does not decode, so that the object is quarantined instead of failing its reader for ever.
+async fn off_thread<T: Send + 'static>(
+    body: bytes::Bytes,
+    decode: impl FnOnce(bytes::Bytes) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(move || decode(body)).await.unwrap_or_else(|e| Err(format!("the decoder failed: {e}")))
 }
 
 /// Moves `key` (whose bytes are `body`) of `store` aside with `reason`. The caller has checked

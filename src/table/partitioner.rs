@@ -568,18 +568,8 @@ pub(crate) async fn decode_raw(
     key: &str,
     body: bytes::Bytes,
 ) -> Result<Option<arrow_array::RecordBatch>, WorkError> {
-    // A decoder that panics on a bad file counts as a file that does not decode (else the
-    // partitioner would fail on it at every restart).
-    let first = match tokio::task::spawn_blocking(move || parquet::decode_raw(body, p)).await {
-        Ok(Ok(batch)) => return Ok(Some(batch)),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => format!("the decoder failed: {e}"),
-    };
-    let (again, why) = match quarantine::read_again(&ctx.store, key, &first, move |b| {
-        parquet::decode_raw(b, p).map_err(|e| e.to_string())
-    })
-    .await?
-    {
+    let decode = move |b| parquet::decode_raw(b, p).map_err(|e| e.to_string());
+    let (again, why) = match quarantine::decode_twice(&ctx.store, key, body, decode).await? {
         quarantine::Reread::Decodes(batch) => return Ok(Some(batch)),
         quarantine::Reread::Gone => return Ok(None),
         quarantine::Reread::Poison { body, why } => (body, why),
