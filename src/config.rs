@@ -297,11 +297,14 @@ pub struct PartitionerConfig {
     /// each uploaded file (which covers the common case at once).
     #[serde(with = "humantime_serde")]
     pub scan_interval: Duration,
+    /// Raw files of one Kafka partition one listing queues at most (I4): a longer backlog is
+    /// listed again from where the last one ended once those are partitioned.
+    pub max_files_per_scan: usize,
 }
 
 impl Default for PartitionerConfig {
     fn default() -> Self {
-        PartitionerConfig { enabled: true, scan_interval: Duration::from_secs(30) }
+        PartitionerConfig { enabled: true, scan_interval: Duration::from_secs(30), max_files_per_scan: 1000 }
     }
 }
 
@@ -644,6 +647,9 @@ impl Config {
         }
         if self.partitioner.scan_interval.is_zero() {
             return err("partitioner.scan_interval", "must be greater than 0s".into());
+        }
+        if self.partitioner.max_files_per_scan == 0 {
+            return err("partitioner.max_files_per_scan", "must be at least 1 file".into());
         }
         if self.compactor.interval.is_zero() {
             return err("compactor.interval", "must be greater than 0s".into());

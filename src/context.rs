@@ -51,6 +51,10 @@ pub struct PipelineCtx {
     claims: Mutex<HashMap<i32, Claim>>,
     /// Whether the stores refuse a conditional write whose precondition fails (probed at start).
     pub conditional_writes: AtomicBool,
+    /// Recoveries that read and decode a raw file whole before adopting it, at once (I4): as many
+    /// as there are cores, so that an assignment of hundreds of partitions holds a few decoded
+    /// files at a time, not one per partition.
+    pub recovery_decodes: tokio::sync::Semaphore,
     pub(crate) partitioner: Mutex<Option<ActorRef<PartitionerMsg>>>,
     pub(crate) compactor: Mutex<Option<ActorRef<CompactorMsg>>>,
 }
@@ -135,6 +139,7 @@ impl PipelineCtx {
             for_compactor,
             claims: Mutex::new(HashMap::new()),
             conditional_writes: AtomicBool::new(false),
+            recovery_decodes: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             partitioner: Mutex::new(None),
             compactor: Mutex::new(None),
         }

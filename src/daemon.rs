@@ -69,7 +69,8 @@ pub struct RootState {
     /// The current delay before restarting a lake actor past its restart intensity. It ends only
     /// once a restart has run for `supervision.restart_window` without failing: a delay longer
     /// than the window would otherwise bring it back within the intensity, and reset it.
-    lake_backoff: HashMap<Child, Duration>,
+    /// With the failures since it began.
+    lake_backoff: HashMap<Child, (Duration, u32)>,
     /// The generation each running child was started with.
     started: HashMap<Child, u64>,
     shutting_down: bool,
@@ -155,16 +156,21 @@ impl RootActor {
         if matches!(child, Child::Partitioner | Child::Compactor) && (over.is_err() || backing_off) {
             // I10: the lake actors never take ingestion down with them. raw-data is the source of
             // truth; a lake actor that keeps failing is retried less and less often, for ever.
-            let delay = *state
+            let (delay, failures) = *state
                 .lake_backoff
                 .entry(child)
-                .and_modify(|d| *d = (*d * 2).min(LAKE_MAX_BACKOFF))
-                .or_insert(LAKE_FIRST_BACKOFF);
-            tracing::error!(actor = child.label(), retry_in = ?delay, reason = %why,
+                .and_modify(|(d, n)| (*d, *n) = ((*d * 2).min(LAKE_MAX_BACKOFF), *n + 1))
+                .or_insert((LAKE_FIRST_BACKOFF, 1));
+            tracing::error!(actor = child.label(), retry_in = ?delay, failures, reason = %why,
                 "keeps failing; ingestion goes on, and it is restarted with backoff");
+            // True for as long as it shows: while the actor waits, and while it runs again until
+            // a whole restart window has passed without failing.
             state.ctx.health.set_lake_failing(
                 child.label(),
-                format!("restarted in {} after: {why}", humantime::format_duration(delay)),
+                format!(
+                    "backed off {} before restarting (restart {failures} past the limit) after: {why}",
+                    humantime::format_duration(delay)
+                ),
             );
             metrics::gauge!(m::LAKE_BACKOFF, "actor" => child.label()).set(delay.as_secs_f64());
             state.ctx.stats.restarts.fetch_add(1, Ordering::Relaxed);

@@ -441,7 +441,8 @@ impl Stats {
         metrics::gauge!(COMMITTED_OFFSET, "partition" => partition.to_string()).set(next_offset as f64);
     }
 
-    /// Committed next-offsets by partition, as this instance last committed them.
+    /// Committed next-offsets by partition, as this instance last committed them (or read them,
+    /// recovering a partition).
     pub fn committed(&self) -> BTreeMap<i32, i64> {
         self.committed.lock().unwrap().clone()
     }

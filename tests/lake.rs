@@ -133,7 +133,11 @@ async fn a_lake_actor_that_keeps_failing_backs_off_longer_each_time_and_ingestio
     })
     .await;
     wait_for("every offset committed meanwhile", DONE, || h.all_committed(GROUP)).await;
-    assert!(seen[0].starts_with("restarted in 5s after") && seen[1].starts_with("restarted in 10s after"), "{seen:?}");
+    assert!(
+        seen[0].starts_with("backed off 5s before restarting (restart 1 past the limit) after:")
+            && seen[1].starts_with("backed off 10s before restarting (restart 2 past the limit) after:"),
+        "{seen:?}"
+    );
     wait_for("the backoff to end", DONE, || health.lake_failing.lock().unwrap().is_empty()).await;
     settle(&h).await;
     assert_clean(&h, &h.audit(&config).await);
@@ -881,4 +885,53 @@ async fn an_uncommitted_raw_file_with_a_good_footer_and_bad_pages_is_quarantined
         bad
     })
     .await;
+}
+
+/// I4, paged listings: a partition with more raw files past its watermark than one listing
+/// queues (a backlog of a table store down for days; here 100 files a listing) is listed a
+/// hundred files at a time, each listing once the one before it is partitioned, and catches up
+/// whole while records keep arriving (their hand-overs must not take the backlog's turns), with
+/// the periodic listing an hour away (so only the listings that follow a cut one get it there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_longer_than_one_scan_is_partitioned_whole_a_listing_at_a_time() {
+    let mut h = Harness::new(1).await;
+    let mut config = h.lake_config();
+    config.partitioner.enabled = false;
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    h.produce(400);
+    wait_for("all offsets committed", DONE, || h.all_committed(GROUP)).await;
+    pipeline.shutdown().await;
+    // Each raw file cut into files of one row each, as many flushes of one record would write.
+    let mut files = 0u64;
+    for (name, path) in h.raw_files() {
+        let batch = read_lake_file(&path);
+        for &o in trstream::lake::table::offsets(&batch) {
+            let one = RawFileName { first_offset: o, last_offset: o, ..name.clone() };
+            let (bytes, rows) = lake_file(&batch, &one, |x| x == o);
+            assert_eq!(rows, 1);
+            std::fs::write(path.with_file_name(one.file_name()), bytes).unwrap();
+            files += 1;
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert!(files > 300, "more raw files than three listings queue: {files}");
+
+    config.partitioner.enabled = true;
+    config.partitioner.scan_interval = Duration::from_secs(3600);
+    config.partitioner.max_files_per_scan = 100;
+    // A flush every 100 records: hand-overs arrive while the backlog is partitioned.
+    config.flush.max_rows = 100;
+    let pipeline = trstream::start(config.clone(), Arc::new(Faults::default())).await.unwrap();
+    let stats = pipeline.stats.clone();
+    for _ in 0..4 {
+        h.produce(200);
+        wait_for("the round committed", DONE, || h.all_committed(GROUP)).await;
+    }
+    wait_for("the partitioner to catch up", DONE, || h.partitioner_caught_up()).await;
+    let written = Stats::get(&stats.files);
+    assert!(written >= 8, "files handed over meanwhile: {written}");
+    assert_eq!(Stats::get(&stats.partitioned_files), files + written, "each raw file partitioned once");
+    wait_for("compaction down to one file per group", DONE, || h.max_files_per_group() <= 1).await;
+    assert_clean(&h, &h.audit(&config).await);
+    pipeline.shutdown().await;
 }

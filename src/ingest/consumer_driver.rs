@@ -444,6 +444,12 @@ async fn recovery(
             .map_err(|e| format!("fetching the committed offset of partition {p}: {e}"))?;
         (None, committed)
     };
+    // The group's commit, as this instance knows it, from now on: the partitioner quarantines a
+    // raw file only once the commit has passed it, and a partition that receives nothing after
+    // a restart would otherwise never tell it so.
+    if let Some(c) = committed {
+        ctx.stats.record_commit(p, c);
+    }
     let latest: Option<(RawFileName, u64)> =
         ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.lake_topic(), p, committed).await.map_err(|e| {
             ctx.health.s3_ok.store(false, Ordering::Relaxed);
@@ -479,7 +485,7 @@ async fn recovery(
     // Files whose last offset is at or past the commit were uploaded but not committed: adopt.
     let adopted = latest.filter(|(f, _)| committed.is_none_or(|c| f.last_offset >= c));
     if let Some((f, _)) = &adopted {
-        quarantine_if_undecodable(&ctx, &f.key(&cfg.s3.raw_prefix), p).await?;
+        quarantine_if_undecodable(&ctx, f).await?;
     }
     ctx.faults.recovery_gate(p).await;
     // An adopted file that lists its dead letters had them in a transaction that never committed:
@@ -518,16 +524,20 @@ async fn recovery(
 /// quarantined and the recovery fails, to run again without it. A file gone meanwhile fails the
 /// recovery too: the scan that listed it is stale (another instance may have moved it aside), and
 /// adopting what is not there would commit offsets whose rows exist nowhere.
-async fn quarantine_if_undecodable(ctx: &Arc<PipelineCtx>, key: &str, p: i32) -> Result<(), RecoveryFailure> {
+async fn quarantine_if_undecodable(ctx: &Arc<PipelineCtx>, f: &RawFileName) -> Result<(), RecoveryFailure> {
+    let (key, p) = (&f.key(&ctx.config.s3.raw_prefix), f.partition);
     let gone = || {
         RecoveryFailure::Failed(format!("raw file {key} vanished during the recovery of partition {p}; scanning again"))
     };
+    // Held until the decoded file is dropped: a few files at a time in memory (I4).
+    let _permit = ctx.recovery_decodes.acquire().await.map_err(|e| format!("recovery of partition {p}: {e}"))?;
     let body = ctx.store.get_opt(key).await.map_err(|e| {
         ctx.health.s3_ok.store(false, Ordering::Relaxed);
         format!("reading {key}: {e}")
     })?;
     let Some(body) = body else { return Err(gone()) };
-    let decode = move |b| crate::lake::parquet::decode_raw(b, p).map(drop).map_err(|e| e.to_string());
+    let name = f.clone();
+    let decode = move |b| crate::lake::parquet::decode_raw(b, &name).map(drop).map_err(|e| e.to_string());
     let (body, why) = match quarantine::decode_twice(&ctx.store, key, body, decode).await {
         Ok(quarantine::Reread::Decodes(())) => return Ok(()),
         Ok(quarantine::Reread::Poison { body, why }) => (body, why),

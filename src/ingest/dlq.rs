@@ -201,6 +201,12 @@ pub fn parse_dead_letter_notes(value: &str) -> Result<std::collections::BTreeMap
 #[derive(Clone)]
 pub struct DlqProducer {
     producer: FutureProducer,
+    /// The producer of [`DlqProducer::send_acked`]: one letter per batch. The broker judges a
+    /// batch against the DLQ topic's `max.message.bytes`, and librdkafka fails every letter of a
+    /// refused batch without splitting it, so two letters that each fit, batched together by the
+    /// shared producer (two partitions' workers, one linger), are refused together. A refusal
+    /// here is the letter's own, and only then is it final (a partition parked).
+    alone: FutureProducer,
     topic: String,
     source_topic: String,
     /// `kafka.incarnation` (empty: no header).
@@ -214,14 +220,17 @@ impl DlqProducer {
         source_topic: &str,
         source_incarnation: &str,
     ) -> Result<DlqProducer, DlqError> {
-        let producer: FutureProducer = producer_config(base)
+        let config = producer_config(base)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000")
-            .create()?;
+            .clone();
+        let producer: FutureProducer = config.create()?;
+        let alone: FutureProducer = config.clone().set("batch.num.messages", "1").set("linger.ms", "0").create()?;
         Ok(DlqProducer {
             producer,
+            alone,
             topic: topic.to_string(),
             source_topic: source_topic.to_string(),
             source_incarnation: source_incarnation.to_string(),
@@ -277,7 +286,7 @@ impl DlqProducer {
         &self.topic
     }
 
-    /// Sends and waits for the acknowledgement, retrying with backoff until acknowledged,
+    /// Sends alone and waits for the acknowledgement, retrying with backoff until acknowledged,
     /// refused for good ([`DeadLetter::refused_for_good`]) or `give_up` says stop. Used for
     /// re-sends; the hot path pipelines [`DlqProducer::send`].
     pub async fn send_acked(
@@ -290,7 +299,7 @@ impl DlqProducer {
         let mut wait = backoff;
         let mut truncated = None;
         loop {
-            let err = match self.send(truncated.as_ref().unwrap_or(dl)) {
+            let err = match self.send_on(&self.alone, truncated.as_ref().unwrap_or(dl)) {
                 Ok(fut) => match fut.await {
                     Ok(Ok(_)) => return Ok(()),
                     Ok(Err((e, _))) => e,

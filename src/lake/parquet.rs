@@ -350,14 +350,25 @@ pub fn decode(bytes: bytes::Bytes) -> Result<RecordBatch, DecodeError> {
     conform(&batch, &union)
 }
 
-/// [`decode`], for a raw file of Kafka partition `partition`: every row must be of it.
-pub fn decode_raw(bytes: bytes::Bytes, partition: i32) -> Result<RecordBatch, DecodeError> {
+/// [`decode`], for the raw file `name`: every row must be of its Kafka partition and have an
+/// offset in its range. A file whose rows are not what its name says would put them where they
+/// do not belong: rows of another partition, or offsets the commit never covered (the recovery
+/// adopts a file by its name), so it is as unreadable as a truncated one.
+pub fn decode_raw(bytes: bytes::Bytes, name: &RawFileName) -> Result<RecordBatch, DecodeError> {
     use arrow_array::cast::AsArray;
     let batch = decode(bytes)?;
     let parts = batch.column(COL_KAFKA_PARTITION).as_primitive::<arrow_array::types::Int32Type>();
-    if let Some(other) = parts.iter().flatten().find(|&q| q != partition) {
+    if let Some(other) = parts.iter().flatten().find(|&q| q != name.partition) {
         return Err(DecodeError::Schema(format!(
-            "holds rows of Kafka partition {other}, not only of partition {partition} its name says"
+            "holds rows of Kafka partition {other}, not only of partition {} its name says",
+            name.partition
+        )));
+    }
+    let range = name.first_offset..=name.last_offset;
+    if let Some(o) = crate::lake::table::offsets(&batch).iter().find(|o| !range.contains(o)) {
+        return Err(DecodeError::Schema(format!(
+            "holds a row of offset {o}, outside the offsets {}..={} its name says",
+            name.first_offset, name.last_offset
         )));
     }
     Ok(batch)
@@ -470,6 +481,30 @@ mod tests {
     fn file_of(batch: &RecordBatch) -> bytes::Bytes {
         let name = RawFileName { topic: "t".into(), partition: 7, first_offset: 0, last_offset: 0 };
         encode_with(batch, source_metadata(&name, batch.num_rows()), 1, 1000).unwrap().into()
+    }
+
+    #[test]
+    fn a_raw_file_whose_rows_are_not_what_its_name_says_does_not_decode() {
+        let mut buf = RowBuffer::new();
+        for i in 100..110 {
+            buf.push(&tx(i), 7, i, 42);
+        }
+        let batch = buf.finish();
+        let name = |partition, first_offset, last_offset| RawFileName {
+            topic: "t".into(),
+            partition,
+            first_offset,
+            last_offset,
+        };
+        let file = || bytes::Bytes::from(encode(&batch, &name(7, 100, 109), None, None, 3, 300).unwrap());
+        assert_eq!(decode_raw(file(), &name(7, 100, 109)).unwrap().num_rows(), 10);
+        assert_eq!(decode_raw(file(), &name(7, 90, 200)).unwrap().num_rows(), 10, "a gap in the offsets is fine");
+        let e = decode_raw(file(), &name(3, 100, 109)).unwrap_err().to_string();
+        assert!(e.contains("rows of Kafka partition 7, not only of partition 3"), "{e}");
+        let e = decode_raw(file(), &name(7, 100, 108)).unwrap_err().to_string();
+        assert!(e.contains("offset 109, outside the offsets 100..=108"), "{e}");
+        let e = decode_raw(file(), &name(7, 101, 109)).unwrap_err().to_string();
+        assert!(e.contains("offset 100, outside the offsets 101..=109"), "{e}");
     }
 
     #[test]

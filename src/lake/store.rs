@@ -5,6 +5,7 @@
 //! missing bucket is for an operator, so the caller escalates. A 412 on the conditional create
 //! means the file is already there: success, not an error (design §3).
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
@@ -265,8 +266,26 @@ impl LakeStore {
     }
 
     /// Every object (key and size) under `prefix` strictly after `start_after`, in lexical order.
+    /// For a listing that may be long (it grows with the lake), [`LakeStore::list_paged`].
     pub async fn list_objects(&self, prefix: &str, start_after: Option<&str>) -> Result<Vec<ObjectInfo>, StoreError> {
-        let mut keys = Vec::new();
+        let mut all = Vec::new();
+        self.list_paged(prefix, start_after, |page| {
+            all.extend(page);
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(all)
+    }
+
+    /// The objects under `prefix` strictly after `start_after`, in lexical order, a page (up to
+    /// 1,000, the store's page) at a time: `each` takes every page and says whether to go on. The
+    /// listing holds one page, however long it is (I4).
+    pub async fn list_paged(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        mut each: impl FnMut(Vec<ObjectInfo>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         let mut token: Option<String> = None;
         loop {
             let mut req = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix);
@@ -280,15 +299,21 @@ impl LakeStore {
                 let status = e.raw_response().map(|r| r.status().as_u16());
                 classify("ListObjectsV2", prefix, &e, status)
             })?;
-            keys.extend(out.contents().iter().filter_map(|o| {
-                Some(ObjectInfo { key: o.key()?.to_string(), size: o.size().unwrap_or(0).max(0) as u64 })
-            }));
+            let page = out
+                .contents()
+                .iter()
+                .filter_map(|o| {
+                    Some(ObjectInfo { key: o.key()?.to_string(), size: o.size().unwrap_or(0).max(0) as u64 })
+                })
+                .collect();
+            if each(page).is_break() {
+                return Ok(());
+            }
             match out.next_continuation_token() {
                 Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        Ok(keys)
     }
 
     /// The recovery scan of I2: the raw file with the highest last offset among those whose first
@@ -303,12 +328,18 @@ impl LakeStore {
     ) -> Result<Option<(RawFileName, u64)>, StoreError> {
         let prefix = keys::partition_prefix(raw_prefix, partition);
         let marker = from_offset.map(|o| keys::start_after_for(raw_prefix, topic, partition, o));
-        let objects = self.list_objects(&prefix, marker.as_deref()).await?;
-        Ok(objects
-            .iter()
-            .filter_map(|o| Some((RawFileName::parse(&o.key)?, o.size)))
-            .filter(|(n, _)| n.topic == topic && n.partition == partition)
-            .max_by_key(|(n, _)| n.last_offset))
+        let mut latest: Option<(RawFileName, u64)> = None;
+        self.list_paged(&prefix, marker.as_deref(), |page| {
+            let files = page.into_iter().filter_map(|o| Some((RawFileName::parse(&o.key)?, o.size)));
+            for (n, size) in files.filter(|(n, _)| n.topic == topic && n.partition == partition) {
+                if latest.as_ref().is_none_or(|(l, _)| n.last_offset >= l.last_offset) {
+                    latest = Some((n, size));
+                }
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(latest)
     }
 
     /// The bytes of the object at `key` from `start` to its end; `None` when there is no such

@@ -19,6 +19,7 @@
 //! once. Merges run one per message, so a revoke waits for at most one merge.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -81,6 +82,64 @@ pub struct CompactorState {
     retry_at: Option<Instant>,
     backoff: Duration,
     last_full_listing: Instant,
+}
+
+/// A compaction pass's listing, planned as it goes. The keys of one Hive partition are
+/// contiguous in a listing (they share its directory as a prefix), so the files of one
+/// directory are held at a time: its groups are planned when the listing leaves it.
+struct Planner<'a> {
+    topic: &'a str,
+    owned: &'a BTreeSet<i32>,
+    /// The partitions' watermarks: only files at or below them are merged.
+    watermarks: &'a BTreeMap<i32, i64>,
+    /// Offset ranges per group whose table writes failed lately and may still land.
+    watched: &'a BTreeMap<(HivePartition, i32), Vec<(i64, i64)>>,
+    cfg: &'a crate::config::CompactorConfig,
+    counts: &'a mut BTreeMap<(HivePartition, i32), FileCounts>,
+    plans: &'a mut VecDeque<TablePlan>,
+    /// The directory being listed, and its files to plan, per Kafka partition.
+    hive: Option<HivePartition>,
+    groups: BTreeMap<i32, Vec<TableFile>>,
+}
+
+impl Planner<'_> {
+    fn take(&mut self, page: Vec<crate::lake::ObjectInfo>) -> ControlFlow<()> {
+        for o in page {
+            let Some((hive, name)) = HivePartition::parse_key(&o.key) else { continue };
+            if name.topic != self.topic || !self.owned.contains(&name.partition) {
+                continue;
+            }
+            if self.hive.as_ref() != Some(&hive) {
+                self.plan();
+                self.hive = Some(hive.clone());
+            }
+            let count = self.counts.entry((hive, name.partition)).or_default();
+            count.files += 1;
+            count.small += u64::from(o.size < self.cfg.small_file_bytes);
+            count.bytes += o.size;
+            if self.watermarks.get(&name.partition).is_some_and(|&w| name.last_offset <= w) {
+                self.groups.entry(name.partition).or_default().push((name, o.key, o.size));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Plans the merges of the directory listed so far.
+    fn plan(&mut self) {
+        let Some(hive) = self.hive.take() else { return };
+        let cfg = self.cfg;
+        for (p, group) in std::mem::take(&mut self.groups) {
+            let plans = table::plan_group(&hive, group, cfg.small_file_bytes, cfg.target_file_bytes, cfg.min_files);
+            let ranges = self.watched.get(&(hive.clone(), p)).map_or(&[][..], Vec::as_slice);
+            let overlaps_watched = |f: &TableFile| {
+                ranges.iter().any(|&(first, last)| f.0.first_offset <= last && first <= f.0.last_offset)
+            };
+            self.plans.extend(plans.into_iter().filter(|plan| match plan {
+                TablePlan::Merge(m) if !m.repair => !m.inputs.iter().any(overlaps_watched),
+                _ => true,
+            }));
+        }
+    }
 }
 
 impl Actor for Compactor {
@@ -258,49 +317,36 @@ impl CompactorState {
                 watermarks.insert(p, w);
             }
         }
-        let listed = if full {
-            self.ctx.stats.compaction_full_listings.fetch_add(1, Ordering::Relaxed);
+        let ctx = self.ctx.clone();
+        let mut planner = Planner {
+            topic: &topic,
+            owned: &owned,
+            watermarks: &watermarks,
+            watched: &watched,
+            cfg,
+            counts: &mut self.counts,
+            plans: &mut self.plans,
+            hive: None,
+            groups: BTreeMap::new(),
+        };
+        // Paged, each Hive partition planned as the listing leaves it (I4): a full listing of a
+        // year's table is never held whole.
+        if full {
+            ctx.stats.compaction_full_listings.fetch_add(1, Ordering::Relaxed);
             self.last_full_listing = Instant::now();
-            let listed = self.ctx.table.list_objects("year=", None).await?;
-            self.counts.retain(|(_, p), _| !owned.contains(p));
+            planner.counts.retain(|(_, p), _| !owned.contains(p));
             for p in &owned {
                 self.full_listing.remove(p);
             }
-            listed
+            ctx.table.list_paged("year=", None, |page| planner.take(page)).await?;
         } else {
-            let mut listed = Vec::new();
+            planner.counts.retain(|(h, p), _| !(touched.contains(h) && owned.contains(p)));
             for hive in &touched {
-                listed.extend(self.ctx.table.list_objects(&hive.dir(), None).await?);
-            }
-            self.counts.retain(|(h, p), _| !(touched.contains(h) && owned.contains(p)));
-            listed
-        };
-        let mut groups: BTreeMap<(HivePartition, i32), Vec<table::TableFile>> = BTreeMap::new();
-        for o in listed {
-            let Some((hive, name)) = HivePartition::parse_key(&o.key) else { continue };
-            if name.topic != topic || !owned.contains(&name.partition) {
-                continue;
-            }
-            let count = self.counts.entry((hive.clone(), name.partition)).or_default();
-            count.files += 1;
-            count.small += u64::from(o.size < cfg.small_file_bytes);
-            count.bytes += o.size;
-            if watermarks.get(&name.partition).is_some_and(|&w| name.last_offset <= w) {
-                groups.entry((hive, name.partition)).or_default().push((name, o.key, o.size));
+                ctx.table.list_paged(&hive.dir(), None, |page| planner.take(page)).await?;
             }
         }
+        planner.plan();
         self.set_gauges();
-        for ((hive, p), group) in groups {
-            let plans = table::plan_group(&hive, group, cfg.small_file_bytes, cfg.target_file_bytes, cfg.min_files);
-            let ranges = watched.get(&(hive, p)).map_or(&[][..], Vec::as_slice);
-            let overlaps_watched = |f: &TableFile| {
-                ranges.iter().any(|&(first, last)| f.0.first_offset <= last && first <= f.0.last_offset)
-            };
-            self.plans.extend(plans.into_iter().filter(|plan| match plan {
-                TablePlan::Merge(m) if !m.repair => !m.inputs.iter().any(overlaps_watched),
-                _ => true,
-            }));
-        }
         if !self.plans.is_empty() {
             tracing::debug!(merges = self.plans.len(), full, touched = touched.len(), "compaction pass planned");
         }
@@ -447,10 +493,15 @@ impl CompactorState {
         // Per file: its rows, all in `keep`; or why not.
         type Verdicts = Vec<(String, Result<usize, String>)>;
         let checked = tokio::task::spawn_blocking(move || -> Result<Verdicts, String> {
+            // Compared canonical: a file of a version that stored ids as sent (upper case,
+            // braced) holds the same transactions as the canonical one that covers it.
             let ids = |b: &arrow_array::RecordBatch| -> std::collections::HashMap<i64, String> {
                 use arrow_array::cast::AsArray;
                 let col = b.column(0).as_string::<i32>();
-                table::offsets(b).iter().enumerate().map(|(i, &o)| (o, col.value(i).to_string())).collect()
+                let canonical = |id: &str| {
+                    uuid::Uuid::parse_str(id).map_or_else(|_| id.to_string(), |u| u.hyphenated().to_string())
+                };
+                table::offsets(b).iter().enumerate().map(|(i, &o)| (o, canonical(col.value(i)))).collect()
             };
             let have = ids(&kept);
             Ok(bodies

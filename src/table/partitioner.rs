@@ -18,6 +18,7 @@
 //! release never waits for more than about one file's time.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -73,6 +74,9 @@ struct PartState {
     etag: Option<String>,
     queue: VecDeque<RawSlice>,
     needs_scan: bool,
+    /// The last scan stopped at `partitioner.max_files_per_scan`: scan again once the queue is
+    /// done.
+    listing_cut: bool,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -156,6 +160,10 @@ impl Actor for Partitioner {
                 {
                     match ps.known_end() {
                         _ if ps.watermark.is_none() || ps.needs_scan => ps.needs_scan = true,
+                        // Behind a cut listing: the listing after it finds the file. A scan per
+                        // hand-over instead would take the turns of the files (a backlog that
+                        // grows while records flow).
+                        _ if ps.listing_cut => {}
                         Some(end) if name.last_offset <= end => {} // already covered
                         Some(end) if name.first_offset == end + 1 => {
                             ps.queue.push_back(RawSlice { from: name.first_offset, file: name })
@@ -331,11 +339,12 @@ impl PartitionerState {
                     ps.retry_at = None;
                     ps.backoff = Duration::ZERO;
                     match done {
-                        Done::Scanned(Scan { watermark, etag, queue }) => {
+                        Done::Scanned(Scan { watermark, etag, queue, cut }) => {
                             ps.watermark = Some(watermark);
                             ps.etag = etag;
                             ps.queue = queue;
                             ps.needs_scan = false;
+                            ps.listing_cut = cut;
                         }
                         Done::Gone => ps.needs_scan = true,
                         Done::File(slice, etag) => {
@@ -344,6 +353,10 @@ impl PartitionerState {
                             ps.etag = etag;
                             if ps.queue.front() == Some(&slice) {
                                 ps.queue.pop_front();
+                            }
+                            if ps.queue.is_empty() && ps.listing_cut {
+                                ps.listing_cut = false;
+                                ps.needs_scan = true;
                             }
                         }
                     }
@@ -396,6 +409,11 @@ struct Scan {
     watermark: Option<Mark>,
     etag: Option<String>,
     queue: VecDeque<RawSlice>,
+    /// The listing stopped at `partitioner.max_files_per_scan`: more files follow the queue's
+    /// last. A backlog of days (a table store down while ingestion went on) is listed that many
+    /// files at a time, the next listing once these are done, not held whole for every partition
+    /// at once (I4).
+    cut: bool,
 }
 
 /// Reads the watermark (restoring `known` if it moved back, I9), then lists the raw files of `p` from its floor and
@@ -440,9 +458,23 @@ async fn list_after_watermark(
     let raw_prefix = &ctx.config.s3.raw_prefix;
     let floor = watermark.map_or(0, |w| w.floor);
     let marker = keys::start_after_for(raw_prefix, topic, p, floor);
-    let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), Some(&marker)).await?;
-    let files = listed.iter().filter_map(|k| RawFileName::parse(k)).filter(|n| &n.topic == topic && n.partition == p);
-    Ok(Scan { watermark, etag, queue: table::slices_after(watermark.map(|w| w.last), files).into() })
+    let (mut files, mut cut) = (Vec::new(), false);
+    ctx.store
+        .list_paged(&keys::partition_prefix(raw_prefix, p), Some(&marker), |page| {
+            // Files wholly at or below the watermark are done: not queued, nor counted.
+            let names = page.iter().filter_map(|o| RawFileName::parse(&o.key));
+            let ahead = |n: &RawFileName| watermark.is_none_or(|w| n.last_offset > w.last);
+            for n in names.filter(|n| &n.topic == topic && n.partition == p && ahead(n)) {
+                if files.len() == ctx.config.partitioner.max_files_per_scan {
+                    cut = true;
+                    return ControlFlow::Break(());
+                }
+                files.push(n);
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+    Ok(Scan { watermark, etag, queue: table::slices_after(watermark.map(|w| w.last), files).into(), cut })
 }
 
 /// Partitions one slice of a raw file: its outputs, then the watermark (under `pre`, when
@@ -465,7 +497,7 @@ async fn partition_file(
         tracing::warn!(partition = p, key = %raw_key, "raw file vanished before it was partitioned; rescanning");
         return Ok(None);
     };
-    let Some(mut batch) = decode_raw(ctx, p, &raw_key, body).await? else { return Ok(None) };
+    let Some(mut batch) = decode_raw(ctx, name, body).await? else { return Ok(None) };
     let (level, rg) = (ctx.config.parquet.zstd_level, ctx.config.parquet.row_group_rows);
     let (src, out, from) = (name.clone(), slice.output_name(), slice.from);
     type Output = (table::HivePartition, String, usize, Vec<u8>);
@@ -557,18 +589,19 @@ async fn partition_file(
     Ok(Some(new_etag))
 }
 
-/// Decodes a raw file for the table. One that cannot be read as a raw file of partition `p` is
+/// Decodes the raw file `name` for the table. One that cannot be read as what its name says is
 /// read once more (a transfer that went wrong reads right the second time), then quarantined
 /// (I10): `Ok(None)`, and the partition is listed again without it. Its rows do not reach the
 /// table; its records are still in Kafka while retention keeps them (supervision.md, "Poison
 /// objects").
 pub(crate) async fn decode_raw(
     ctx: &PipelineCtx,
-    p: i32,
-    key: &str,
+    name: &RawFileName,
     body: bytes::Bytes,
 ) -> Result<Option<arrow_array::RecordBatch>, WorkError> {
-    let decode = move |b| parquet::decode_raw(b, p).map_err(|e| e.to_string());
+    let (key, p, last) = (&name.key(&ctx.config.s3.raw_prefix), name.partition, name.last_offset);
+    let file = name.clone();
+    let decode = move |b| parquet::decode_raw(b, &file).map_err(|e| e.to_string());
     let (again, why) = match quarantine::decode_twice(&ctx.store, key, body, decode).await? {
         quarantine::Reread::Decodes(batch) => return Ok(Some(batch)),
         quarantine::Reread::Gone => return Ok(None),
@@ -577,7 +610,6 @@ pub(crate) async fn decode_raw(
     // Only a file the partition's commit has passed: one uploaded and not committed yet may be
     // about to be adopted by a recovery (its offsets then committed without being read again),
     // and a file quarantined before that is simply written again from the log. Until then, wait.
-    let last = RawFileName::parse(key).map_or(i64::MAX, |n| n.last_offset);
     if ctx.stats.committed().get(&p).is_none_or(|&next| next <= last) {
         return Err(WorkError::Store(crate::lake::StoreError::Retryable {
             op: "decode",
@@ -601,22 +633,30 @@ pub(crate) async fn rebuild_table_file(
 ) -> Result<usize, WorkError> {
     let p = name.partition;
     let raw_prefix = &ctx.config.s3.raw_prefix;
-    // Raw files are listed in first-offset order; none that starts past the range matters, and
-    // the listing starts at the partition's first file (a file straddling the range's start).
-    let listed = ctx.store.list_keys(&keys::partition_prefix(raw_prefix, p), None).await?;
-    let sources: Vec<RawFileName> = listed
-        .iter()
-        .filter_map(|k| RawFileName::parse(k))
-        .filter(|f| f.topic == name.topic && f.partition == p)
-        .filter(|f| f.first_offset <= name.last_offset && name.first_offset <= f.last_offset)
-        .collect();
+    // Raw files are listed in first-offset order, a page at a time, keeping only those that
+    // overlap the range: the listing starts at the partition's first file (a file straddling the
+    // range's start) and stops at the first that starts past it.
+    let mut sources: Vec<RawFileName> = Vec::new();
+    ctx.store
+        .list_paged(&keys::partition_prefix(raw_prefix, p), None, |page| {
+            let names = page.iter().filter_map(|o| RawFileName::parse(&o.key));
+            let mut past = false;
+            for f in names.filter(|f| f.topic == name.topic && f.partition == p) {
+                past |= f.first_offset > name.last_offset;
+                if f.first_offset <= name.last_offset && name.first_offset <= f.last_offset {
+                    sources.push(f);
+                }
+            }
+            if past { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })
+        .await?;
     // One raw file at a time, keeping only the rows of the file's range and Hive partition: a
     // merged file of a sparse Hive partition can span much of the partition's history (I4).
     let mut parts = Vec::new();
     for f in &sources {
         let key = f.key(raw_prefix);
         let Some(body) = ctx.store.get_opt(&key).await? else { continue };
-        let Some(batch) = decode_raw(ctx, p, &key, body).await? else { continue };
+        let Some(batch) = decode_raw(ctx, f, body).await? else { continue };
         let (want, range) = (hive.clone(), name.first_offset..=name.last_offset);
         let part = tokio::task::spawn_blocking(move || -> Result<Option<arrow_array::RecordBatch>, String> {
             let keep =
