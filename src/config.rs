@@ -827,6 +827,7 @@ mod tests {
             ("[validation]\ncurrencies = [\"usd\"]", "validation.currencies"),
             ("[validation]\ncurrencies = []", "validation.currencies"),
             ("[parquet]\nzstd_level = 0", "parquet.zstd_level"),
+            ("[partitioner]\nmax_files_per_scan = 0", "partitioner.max_files_per_scan"),
             ("[upload]\nretry_initial_backoff = \"1m\"\nretry_max_backoff = \"1s\"", "upload.retry_initial_backoff"),
             ("[http]\nlisten = \"nowhere\"", "http.listen"),
             ("[kafka.properties]\n\"enable.auto.commit\" = \"true\"", "kafka.properties.enable.auto.commit"),
