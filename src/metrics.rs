@@ -441,6 +441,16 @@ impl Stats {
         metrics::gauge!(COMMITTED_OFFSET, "partition" => partition.to_string()).set(next_offset as f64);
     }
 
+    /// A committed next-offset read from the group (a recovery's): a lower bound of the commit,
+    /// kept unless this instance knows a later one (a stale recovery reads an older one).
+    pub fn commit_read(&self, partition: i32, next_offset: i64) {
+        let mut committed = self.committed.lock().unwrap();
+        if committed.get(&partition).is_none_or(|&known| known < next_offset) {
+            committed.insert(partition, next_offset);
+            metrics::gauge!(COMMITTED_OFFSET, "partition" => partition.to_string()).set(next_offset as f64);
+        }
+    }
+
     /// Committed next-offsets by partition, as this instance last committed them (or read them,
     /// recovering a partition).
     pub fn committed(&self) -> BTreeMap<i32, i64> {

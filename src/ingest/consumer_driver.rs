@@ -448,7 +448,7 @@ async fn recovery(
     // raw file only once the commit has passed it, and a partition that receives nothing after
     // a restart would otherwise never tell it so.
     if let Some(c) = committed {
-        ctx.stats.record_commit(p, c);
+        ctx.stats.commit_read(p, c);
     }
     let latest: Option<(RawFileName, u64)> =
         ctx.store.latest_raw_file(&cfg.s3.raw_prefix, &cfg.lake_topic(), p, committed).await.map_err(|e| {

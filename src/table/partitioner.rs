@@ -165,6 +165,10 @@ impl Actor for Partitioner {
                         // grows while records flow).
                         _ if ps.listing_cut => {}
                         Some(end) if name.last_offset <= end => {} // already covered
+                        // A queue as long as a listing's: the next listing finds the rest (I4).
+                        Some(_) if ps.queue.len() >= state.ctx.config.partitioner.max_files_per_scan => {
+                            ps.listing_cut = true
+                        }
                         Some(end) if name.first_offset == end + 1 => {
                             ps.queue.push_back(RawSlice { from: name.first_offset, file: name })
                         }
