@@ -9,6 +9,7 @@
 //! the commit re-sends the record, so its readers deduplicate on (`source_partition`,
 //! `source_offset`).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -86,6 +87,8 @@ pub enum SendError {
     Refused(#[from] DlqRefused),
     #[error("DLQ write for offset {offset} abandoned at shutdown: {error}")]
     Abandoned { offset: i64, error: rdkafka::error::KafkaError },
+    #[error("the DLQ producer for re-sends could not be created: {0}")]
+    Producer(rdkafka::error::KafkaError),
 }
 
 /// One invalid record, kept until its DLQ write is acknowledged.
@@ -205,8 +208,11 @@ pub struct DlqProducer {
     /// batch against the DLQ topic's `max.message.bytes`, and librdkafka fails every letter of a
     /// refused batch without splitting it, so two letters that each fit, batched together by the
     /// shared producer (two partitions' workers, one linger), are refused together. A refusal
-    /// here is the letter's own, and only then is it final (a partition parked).
-    alone: FutureProducer,
+    /// here is the letter's own, and only then is it final (a partition parked). Made at its
+    /// first use: with `kafka.exactly_once` letters go through the partitions' transactional
+    /// producers and this one is never needed.
+    alone: Arc<OnceLock<FutureProducer>>,
+    alone_config: ClientConfig,
     topic: String,
     source_topic: String,
     /// `kafka.incarnation` (empty: no header).
@@ -227,10 +233,11 @@ impl DlqProducer {
             .set("message.timeout.ms", "30000")
             .clone();
         let producer: FutureProducer = config.create()?;
-        let alone: FutureProducer = config.clone().set("batch.num.messages", "1").set("linger.ms", "0").create()?;
+        let alone_config = config.clone().set("batch.num.messages", "1").set("linger.ms", "0").clone();
         Ok(DlqProducer {
             producer,
-            alone,
+            alone: Arc::new(OnceLock::new()),
+            alone_config,
             topic: topic.to_string(),
             source_topic: source_topic.to_string(),
             source_incarnation: source_incarnation.to_string(),
@@ -296,10 +303,18 @@ impl DlqProducer {
         max_backoff: Duration,
         give_up: impl Fn() -> bool,
     ) -> Result<(), SendError> {
+        let alone = match self.alone.get() {
+            Some(alone) => alone,
+            None => {
+                // Not kept when it fails: the next send tries again.
+                let _ = self.alone.set(self.alone_config.create().map_err(SendError::Producer)?);
+                self.alone.get().expect("set just above, by this send or another")
+            }
+        };
         let mut wait = backoff;
         let mut truncated = None;
         loop {
-            let err = match self.send_on(&self.alone, truncated.as_ref().unwrap_or(dl)) {
+            let err = match self.send_on(alone, truncated.as_ref().unwrap_or(dl)) {
                 Ok(fut) => match fut.await {
                     Ok(Ok(_)) => return Ok(()),
                     Ok(Err((e, _))) => e,

@@ -82,9 +82,6 @@ pub struct CompactorState {
     retry_at: Option<Instant>,
     backoff: Duration,
     last_full_listing: Instant,
-    /// Where the next full listing starts, the last one having stopped at
-    /// [`MAX_PLANNED_MERGES`].
-    resume_full_listing: Option<String>,
 }
 
 /// A compaction pass's listing, planned as it goes. The keys of one Hive partition are
@@ -103,13 +100,15 @@ struct Planner<'a> {
     /// The directory being listed, and its files to plan, per Kafka partition.
     hive: Option<HivePartition>,
     groups: BTreeMap<i32, Vec<TableFile>>,
-    /// Where the listing stopped, [`MAX_PLANNED_MERGES`] reached: the directory not planned yet.
-    cut: Option<String>,
+    /// The listing stopped at a directory, [`MAX_PLANNED_MERGES`] reached.
+    cut: bool,
 }
 
 /// Merges planned at most by one pass (I4): after a long compactor outage nearly every file is
 /// one to merge, and plans naming them all would grow with the table. The listing stops at the
-/// next directory once this many are planned, and the next pass lists on from there.
+/// next directory once this many are planned, and the next pass lists everything again: the
+/// directories merged meanwhile plan nothing, so each pass gets further (no resume marker, which
+/// every reason to list from the start, an assignment or a failed pass, would have to reset).
 const MAX_PLANNED_MERGES: usize = 1000;
 
 impl Planner<'_> {
@@ -127,7 +126,7 @@ impl Planner<'_> {
             if self.hive.as_ref() != Some(&hive) {
                 self.plan();
                 if self.plans.len() >= MAX_PLANNED_MERGES {
-                    self.cut = Some(hive.dir());
+                    self.cut = true;
                     return ControlFlow::Break(());
                 }
                 self.hive = Some(hive.clone());
@@ -183,7 +182,6 @@ impl Actor for Compactor {
             retry_at: None,
             backoff: Duration::ZERO,
             last_full_listing: Instant::now(),
-            resume_full_listing: None,
         })
     }
 
@@ -326,7 +324,6 @@ impl CompactorState {
         let watched = self.ctx.watched_for_late_writes(&owned, cfg.late_write_window);
         touched.extend(watched.keys().map(|(h, _)| h.clone()));
         let full = owned.iter().any(|p| self.full_listing.contains(p))
-            || self.resume_full_listing.is_some()
             || touched.len() > FULL_LISTING_ABOVE
             || self.last_full_listing.elapsed() >= FULL_LISTING_EVERY;
         if !full && touched.is_empty() {
@@ -349,35 +346,36 @@ impl CompactorState {
             plans: &mut self.plans,
             hive: None,
             groups: BTreeMap::new(),
-            cut: None,
+            cut: false,
         };
         // Paged, each Hive partition planned as the listing leaves it (I4): a full listing of a
         // year's table is never held whole.
         if full {
-            // On from where the last one stopped, when it was cut (every key of a directory
-            // sorts after the directory itself, every key of the ones before it, before).
-            // A partition that needs a whole listing (assigned since) has it from the start.
-            let from = self.resume_full_listing.take().filter(|_| !owned.iter().any(|p| self.full_listing.contains(p)));
             ctx.stats.compaction_full_listings.fetch_add(1, Ordering::Relaxed);
             self.last_full_listing = Instant::now();
-            planner.counts.retain(|(h, p), _| !owned.contains(p) || from.as_ref().is_some_and(|f| h.dir() < *f));
+            planner.counts.retain(|(_, p), _| !owned.contains(p));
             for p in &owned {
                 self.full_listing.remove(p);
             }
-            ctx.table.list_paged("year=", from.as_deref(), |page| planner.take(page)).await?;
-            self.resume_full_listing = planner.cut.take();
+            ctx.table.list_paged("year=", None, |page| planner.take(page)).await?;
         } else {
             planner.counts.retain(|(h, p), _| !(touched.contains(h) && owned.contains(p)));
             for hive in &touched {
                 ctx.table.list_paged(&hive.dir(), None, |page| planner.take(page)).await?;
-                if planner.cut.take().is_some() {
-                    // The touched directories not listed: the next pass lists everything.
-                    self.full_listing.extend(owned.iter().copied());
+                if planner.cut {
                     break;
                 }
             }
         }
         planner.plan();
+        if planner.cut {
+            // The next pass lists everything again, and the touched directories this one may
+            // not have reached stay touched for the pass after that chain.
+            self.full_listing.extend(owned.iter().copied());
+            for &p in &owned {
+                self.ctx.touch(p, touched.iter().cloned());
+            }
+        }
         self.set_gauges();
         if !self.plans.is_empty() {
             tracing::debug!(merges = self.plans.len(), full, touched = touched.len(), "compaction pass planned");
@@ -904,9 +902,9 @@ mod tests {
         (keys.into_iter().map(|key| ObjectInfo { key, size: 100 }).collect(), hives)
     }
 
-    /// Feeds `objects` to a planner a page of 1,000 at a time, as `list_paged` would, from after
-    /// `from`; returns the plans and where the listing stopped.
-    fn plan_listing(objects: &[ObjectInfo], from: Option<&str>) -> (VecDeque<TablePlan>, Option<String>) {
+    /// Feeds `objects` to a planner a page of 1,000 at a time, as `list_paged` would; returns
+    /// the plans and whether the listing stopped.
+    fn plan_listing(objects: &[ObjectInfo]) -> (VecDeque<TablePlan>, bool) {
         let cfg = crate::config::CompactorConfig { min_files: 2, ..Default::default() };
         let (owned, watermarks, watched) = (BTreeSet::from([0]), BTreeMap::from([(0, i64::MAX)]), BTreeMap::new());
         let (mut counts, mut plans) = (BTreeMap::new(), VecDeque::new());
@@ -920,28 +918,41 @@ mod tests {
             plans: &mut plans,
             hive: None,
             groups: BTreeMap::new(),
-            cut: None,
+            cut: false,
         };
-        let after: Vec<ObjectInfo> =
-            objects.iter().filter(|o| from.is_none_or(|f| o.key.as_str() > f)).cloned().collect();
-        for page in after.chunks(1000) {
+        for page in objects.chunks(1000) {
             if planner.take(page.to_vec()).is_break() {
                 break;
             }
         }
         planner.plan();
-        let cut = planner.cut.take();
+        let cut = planner.cut;
         (plans, cut)
     }
 
     #[test]
     fn a_pass_plans_a_bounded_number_of_merges_and_the_next_goes_on_from_there() {
         let (objects, dirs) = listing(1_300);
-        let (first, cut) = plan_listing(&objects, None);
+        let (first, cut) = plan_listing(&objects);
         assert_eq!(first.len(), MAX_PLANNED_MERGES, "one pass plans at most this many merges");
-        let cut = cut.expect("the listing stopped");
-        let (second, again) = plan_listing(&objects, Some(&cut));
-        assert_eq!(again, None, "the second pass lists to the end");
+        assert!(cut, "the listing stopped");
+        // The first pass's merges done: each of its directories holds one file, planning nothing.
+        let dir_of = |key: &str| key[..=key.rfind('/').unwrap()].to_string();
+        let merged: BTreeSet<String> = first
+            .iter()
+            .map(|plan| match plan {
+                TablePlan::Merge(m) => m.hive.dir(),
+                other => panic!("only merges here: {other:?}"),
+            })
+            .collect();
+        let mut kept = BTreeSet::new();
+        let after: Vec<ObjectInfo> = objects
+            .iter()
+            .filter(|o| !merged.contains(&dir_of(&o.key)) || kept.insert(dir_of(&o.key)))
+            .cloned()
+            .collect();
+        let (second, again) = plan_listing(&after);
+        assert!(!again, "the second pass lists to the end");
         let mut planned: Vec<String> = first
             .iter()
             .chain(&second)
