@@ -476,8 +476,17 @@ async fn recovery(
         None => None,
     };
     ctx.health.s3_ok.store(true, Ordering::Relaxed);
-    incarnation::check(&cfg.kafka.topic, p, now, committed, latest.as_ref().map(|(f, _)| (f, recorded_id)))
-        .map_err(|e| RecoveryFailure::Stopped(e.0))?;
+    let found = latest.as_ref().map(|(f, _)| (f, recorded_id));
+    if incarnation::check(&cfg.kafka.topic, p, now, committed, found).is_err() {
+        // The log end was read before the commit and the scan: a stall in between (another
+        // owner committing meanwhile) makes a live log look shorter than its commit. The log
+        // end only grows within one log, so a reading taken after them decides.
+        let (c, topic, timeout) = (consumer.clone(), cfg.kafka.topic.clone(), cfg.kafka.request_timeout);
+        let again = tokio::task::spawn_blocking(move || incarnation::log_now(&c, &topic, p, timeout))
+            .await
+            .map_err(|e| format!("log-end task failed: {e}"))??;
+        incarnation::check(&cfg.kafka.topic, p, again, committed, found).map_err(|e| RecoveryFailure::Stopped(e.0))?;
+    }
     // A raw file past the commit is adopted: its offsets are committed on the promise that its
     // rows reach the table. One that does not decode, in its footer or in any page, never is: it
     // is moved aside (I10) and the recovery runs again without it, so its records are read again
